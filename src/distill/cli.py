@@ -1,0 +1,127 @@
+"""The `distill` command line: thin wrappers that parse arguments and call one stage each.
+
+Exit codes: 0 success; 2 bad input or config (one line on stderr, no traceback); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from distill.errors import DistillError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        raise DistillError(f"{self.prog}: {message}")
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distill", description="Distill a teacher language model into a smaller student.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a student as the recipe says")
+    _add_recipe_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    run = commands.add_parser("run", help="the whole pipeline: build student, train, evaluate")
+    _add_recipe_arguments(run)
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    config = commands.add_parser("config", help="inspect recipes")
+    config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = config_commands.add_parser("show", help="print the resolved recipe with every default filled in")
+    _add_recipe_arguments(show)
+
+    student = commands.add_parser("student", help="build a student by pruning a teacher")
+    student.add_argument("teacher", help="teacher model folder or hub id")
+    student.add_argument("--out", required=True, help="folder to write the student to")
+    student.add_argument("--layers", type=int, help="keep this many of the teacher's layers")
+    student.add_argument("--params", help="parameter budget: a share of the teacher (0.25x) or a count (20M)")
+    student.add_argument("--hidden-size", type=int, help="student hidden size")
+    student.add_argument("--intermediate-size", type=int, help="student MLP intermediate size")
+    student.add_argument("--heads", type=int, help="student attention heads")
+    student.add_argument("--calibration", help="data file to measure importance on")
+    student.add_argument("--layer-selection", choices=["importance", "uniform"], default="importance")
+    return parser
+
+
+def _command_train(args) -> int:
+    from distill.api import run_recipe
+
+    run_recipe(args.recipe, args.overrides, resume=args.resume, show_progress=not args.quiet)
+    return 0
+
+
+def _command_config(args) -> int:
+    from distill.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    sys.stdout.write(recipe.to_yaml())
+    return 0
+
+
+def _command_student(args) -> int:
+    from distill.student import build_student
+
+    targets = (args.layers, args.params, args.hidden_size, args.intermediate_size, args.heads)
+    if all(target is None for target in targets):
+        raise DistillError("distill student: give --layers N or --params 0.25x (or explicit sizes)")
+    build_student(
+        args.teacher,
+        args.out,
+        layers=args.layers,
+        params=args.params,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        heads=args.heads,
+        calibration=args.calibration,
+        layer_selection=args.layer_selection,
+    )
+    return 0
+
+
+def _quiet_libraries() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Quiet the libraries' own chatter; our messages say what matters.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command in ("train", "run"):
+            return _command_train(args)
+        if args.command == "config":
+            return _command_config(args)
+        if args.command == "student":
+            return _command_student(args)
+        raise DistillError(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
+    except DistillError as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # an internal error: the traceback is for us, exit code 1 tells scripts apart
+        traceback.print_exc()
+        return 1

@@ -1,0 +1,306 @@
+"""The recipe: one YAML file that describes a run, validated before anything heavy happens.
+
+One pydantic model per recipe section; every field has a default and a one-line description. Unknown keys,
+wrong types and impossible values raise `DistillError` with one line naming the dotted key the user wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill.errors import DistillError
+from distill.losses import DIVERGENCES
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TeacherConfig(Section):
+    path: str | None = Field(None, description="Teacher model: a local folder or a hub id.")
+    cache: str | None = Field(
+        None, description="A `distill cache` folder to train from stored signals instead of running the teacher."
+    )
+    dtype: Dtype = Field("auto", description="Teacher weights' dtype; auto = bfloat16 on a GPU, float32 on CPU.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher.")
+    trust_remote_code: bool = Field(False, description="Allow the teacher's own Python code from its folder/hub.")
+
+
+class FromTeacherConfig(Section):
+    layers: int | None = Field(None, gt=0, description="Number of the teacher's layers the student keeps.")
+    params: str | None = Field(None, description="Parameter budget, e.g. '0.25x' of the teacher or '20M'.")
+    hidden_size: int | None = Field(None, gt=0, description="Student hidden size (width pruning).")
+    intermediate_size: int | None = Field(None, gt=0, description="Student MLP intermediate size.")
+    heads: int | None = Field(None, gt=0, description="Student attention heads.")
+    calibration: str | None = Field(None, description="Data used to measure importance; default: the train data.")
+    layer_selection: Literal["importance", "uniform"] = Field(
+        "importance", description="How depth pruning picks layers to keep."
+    )
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _some_target(self) -> FromTeacherConfig:
+        if all(v is None for v in (self.layers, self.params, self.hidden_size, self.intermediate_size, self.heads)):
+            raise ValueError("give at least one of layers, params, hidden_size, intermediate_size, heads")
+        return self
+
+
+class StudentConfig(Section):
+    path: str | None = Field(None, description="Student model to start from: a local folder or a hub id.")
+    config: dict[str, Any] | None = Field(
+        None, description="A transformers config dict for a new, randomly initialized student."
+    )
+    from_teacher: FromTeacherConfig | None = Field(None, description="Build the student by pruning the teacher.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; default: the teacher's.")
+    revision: str | None = Field(None, description="Hub revision of the student.")
+    trust_remote_code: bool = Field(False, description="Allow the student's own Python code from its folder/hub.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        given = [name for name in ("path", "config", "from_teacher") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of path, config, from_teacher (got {', '.join(given)})")
+        return self
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training rows: a file, folder, or hub dataset id.")
+    eval: str | None = Field(None, description="Evaluation rows; default: held out from train.")
+    train_split: str = Field("train", description="Split to read when `train` is a hub or datasets folder.")
+    eval_split: str = Field("validation", description="Split to read when `eval` is a hub or datasets folder.")
+    max_length: int = Field(256, gt=1, description="Tokens per sequence; longer rows are truncated.")
+    packing: bool = Field(False, description="Concatenate rows and cut into max_length blocks.")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of train held out when no eval data is given.")
+    eval_max_rows: int = Field(256, gt=0, description="At most this many rows are held out for evaluation.")
+    skip_bad_rows: bool = Field(False, description="Skip malformed rows (and report the count) instead of stopping.")
+
+
+class OnPolicyConfig(Section):
+    lambda_: float = Field(
+        0.0, alias="lambda", ge=0, le=1, description="Share of batches sampled by the student (0 = off-policy)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's completions.")
+    max_new_tokens: int = Field(64, gt=0, description="Length limit of the student's completions.")
+
+
+class ObjectiveConfig(Section):
+    divergence: str = Field("forward_kl", description=f"One of {', '.join(DIVERGENCES)}.")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd only: 0 = forward_kl, 1 = reverse_kl.")
+    skew: float = Field(0.1, ge=0, lt=1, description="skew_* only: share of the mixture taken by the first argument.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions (τ² applied).")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label cross-entropy term.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term; 0 = train on hard labels only.")
+    fused: bool = Field(True, description="Memory-lean chunked loss that never builds the full logits.")
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="Student-generated data (GKD).")
+
+    @field_validator("divergence")
+    @classmethod
+    def _known_divergence(cls, value: str) -> str:
+        if value not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {value!r}; choose one of {', '.join(DIVERGENCES)}")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _some_signal(self) -> ObjectiveConfig:
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
+        return self
+
+
+class TrainingConfig(Section):
+    steps: int = Field(1000, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Sequences per optimizer step over all devices (global batch).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per device per step.")
+    lr: float = Field(1.0e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a share of the peak (cosine/linear).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = no clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype; auto = bf16 on GPUs that support it, none on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; auto picks a GPU.")
+    seed: int = Field(0, description="Seed of initialization, data order and sampling.")
+    save_every: int = Field(100, gt=0, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    eval_every: int = Field(100, gt=0, description="Steps between evaluations.")
+    eval_batches: int | None = Field(None, gt=0, description="Limit periodic evaluation to this many batches.")
+    log_every: int = Field(10, gt=0, description="Steps between metrics.jsonl lines (and host syncs).")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainingConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+class CacheConfig(Section):
+    dir: str = Field("./cache", description="Folder of the offline teacher signals.")
+    top_k: int = Field(32, gt=0, description="Teacher log-probs stored per token.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("./runs/distill", description="Run folder: student/, checkpoints/, metrics.jsonl, reports.")
+
+
+class Recipe(Section):
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The model to learn from.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The model to train.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and evaluation data.")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="What the student optimizes.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimization and bookkeeping.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Offline teacher signals.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.objective.kd_weight > 0
+
+    def check_runnable(self) -> None:
+        """Cross-section checks for training, before any model is loaded."""
+        if self.teacher.cache is not None:
+            raise DistillError("recipe key teacher.cache: training from a teacher cache is not available yet")
+        if self.data.train is None:
+            raise DistillError("recipe key data.train: no training data given")
+        if self.needs_teacher and self.teacher.path is None and self.teacher.cache is None:
+            raise DistillError(
+                "recipe key teacher.path: no teacher given (set teacher.path or teacher.cache, "
+                "or objective.kd_weight=0 to train on hard labels only)"
+            )
+        if self.student.path is None and self.student.config is None and self.student.from_teacher is None:
+            raise DistillError("recipe key student: give student.path, student.config or student.from_teacher")
+        if self.student.from_teacher is not None and self.teacher.path is None:
+            raise DistillError("recipe key student.from_teacher: needs teacher.path to prune from")
+        if self.teacher.path is None and self.student.tokenizer is None and self.student.path is None:
+            raise DistillError("recipe key student.tokenizer: a new student without a teacher needs a tokenizer")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key missing"
+    where = f"recipe key {key}" if key else "recipe"
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'training.lr=3e-4' -> ('training.lr', 0.0003); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise DistillError(f"override {text!r}: expected dotted.key=value")
+    try:
+        return key, yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy). Validation of the keys happens in the schema."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise DistillError(f"override {dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative local paths in the recipe relative to the recipe file, as users expect."""
+
+    def fix(section: str, key: str) -> None:
+        node = data.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(key), str):
+            return
+        value = node[key]
+        if value.startswith(("./", "../")):
+            node[key] = str((base / value).resolve())
+
+    for section, key in [
+        ("teacher", "path"),
+        ("teacher", "cache"),
+        ("student", "path"),
+        ("student", "tokenizer"),
+        ("data", "train"),
+        ("data", "eval"),
+        ("cache", "dir"),
+        ("output", "dir"),
+    ]:
+        fix(section, key)
+    student = data.get("student")
+    spec = student.get("from_teacher") if isinstance(student, dict) else None
+    calibration = spec.get("calibration") if isinstance(spec, dict) else None
+    if isinstance(calibration, str) and calibration.startswith(("./", "../")):
+        spec["calibration"] = str((base / calibration).resolve())
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
+    data = apply_overrides(data, overrides or {})
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise DistillError(_format_error(e)) from None
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Relative paths starting with ./ or ../ are taken relative
+    to the recipe's folder; overrides given on the command line are taken relative to the current folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DistillError(f"cannot read recipe {path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise DistillError(f"recipe {path} is not valid YAML{line}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DistillError(f"recipe {path}: expected a mapping of sections at the top level")
+    data = _resolve_paths(data, path.parent.resolve())
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    return recipe_from_dict(data, overrides)

@@ -1,0 +1,366 @@
+"""Rows on disk -> token sequences with loss masks -> padded batches.
+
+Row formats (one dict per example):
+  {"text": ...}                        loss on every token
+  {"prompt": ..., "completion": ...}   loss on the completion only
+  {"messages": [{"role", "content"}]}  rendered with the tokenizer's chat template; loss on assistant turns only
+  {"input_ids": [...], "loss_mask"?}   pre-tokenized; loss on all tokens unless a mask is given
+
+File formats: JSONL, JSON, Parquet, CSV, plain text (one document per file), folders of them, Hugging Face
+`save_to_disk` folders, and hub dataset ids.
+
+Alignment convention used everywhere: `loss_mask[i]` says whether token i is a *target*. The model's output at
+position i-1 predicts token i, so the shifted mask `loss_mask[1:]` selects the outputs that count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+
+# Plain-text files (prose or source code) are one document each.
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+ROW_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"} | TEXT_SUFFIXES
+
+
+@dataclass
+class Example:
+    """One tokenized sequence. `loss_mask[i]` is True when token i is a training target."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+
+    @property
+    def loss_tokens(self) -> int:
+        # Token 0 is never predicted (nothing precedes it), so it never counts.
+        return sum(self.loss_mask[1:])
+
+
+@dataclass
+class DataStats:
+    """What happened to the rows on the way to examples; reported to the user."""
+
+    rows: int = 0
+    bad_rows: int = 0
+    empty_rows: int = 0
+    truncated_rows: int = 0
+    examples: int = 0
+    loss_tokens: int = 0
+    bad_row_messages: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ROW_SUFFIXES)
+    if not files:
+        raise DistillError(f"data folder {path} holds no {'/'.join(sorted(ROW_SUFFIXES))} files")
+    return files
+
+
+def _is_hf_dataset_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, ValueError(f"not valid JSON ({e.msg})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        # A .json file may also be JSON lines.
+        if e.msg == "Extra data":
+            yield from _read_jsonl(path)
+            return
+        raise DistillError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(content, dict) and isinstance(content.get("data"), list):
+        content = content["data"]
+    if not isinstance(content, list):
+        raise DistillError(f"{path}: expected a JSON list of rows")
+    for number, row in enumerate(content, start=1):
+        yield f"{path}[{number}]", row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        for number, row in enumerate(csv.DictReader(f), start=2):
+            yield f"{path}:{number}", dict(row)
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield f"{path}[{number}]", row
+
+
+def _read_hf(dataset) -> Iterator[tuple[str, object]]:
+    for number, row in enumerate(dataset, start=1):
+        yield f"row {number}", row
+
+
+def _load_hf(source: str, split: str):
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a core dependency
+        raise DistillError("reading Hugging Face datasets needs the `datasets` package") from e
+    path = Path(source)
+    try:
+        ds = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(source, split=split)
+    except FileNotFoundError as e:
+        raise DistillError(f"data {source}: {e}") from None
+    except Exception as e:  # the hub client raises many types; all mean "could not get it"
+        raise DistillError(f"could not load data set {source!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DistillError(f"data set {source} has no split {split!r} (it has {', '.join(ds)})")
+        ds = ds[split]
+    return ds
+
+
+def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
+    """Yield (where, row) for every row of a file, folder, `save_to_disk` folder or hub id.
+
+    `where` names the file and line for error messages. A row that could not be parsed is yielded as an
+    exception instance so the caller decides whether to stop or skip.
+    """
+    path = Path(source)
+    if not path.exists():
+        if str(source).startswith((".", "/", "~")) or path.suffix.lower() in ROW_SUFFIXES:
+            raise DistillError(f"data file {source} does not exist")
+        yield from _read_hf(_load_hf(str(source), split))
+        return
+    if _is_hf_dataset_folder(path):
+        yield from _read_hf(_load_hf(str(path), split))
+        return
+    for file in _files_under(path):
+        suffix = file.suffix.lower()
+        try:
+            if suffix == ".jsonl":
+                yield from _read_jsonl(file)
+            elif suffix == ".json":
+                yield from _read_json(file)
+            elif suffix == ".csv":
+                yield from _read_csv(file)
+            elif suffix == ".parquet":
+                yield from _read_parquet(file)
+            elif suffix in TEXT_SUFFIXES:
+                yield str(file), {"text": file.read_text(encoding="utf-8")}
+            else:
+                raise DistillError(f"{file}: unsupported data file type {suffix!r}")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DistillError(f"cannot read data file {file}: {e}") from None
+
+
+# ---------------------------------------------------------------- rows -> examples
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _encode_messages(tokenizer, messages) -> tuple[list[int], list[bool]]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat rows need a tokenizer with a chat template, and this one has none")
+
+    def render(turns, generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return _encode(tokenizer, text, special=False)
+
+    ids = render(messages, generation_prompt=False)
+    mask = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # The assistant's tokens are what the conversation up to this turn adds beyond the generation prompt.
+        start = len(render(messages[:i], generation_prompt=True))
+        end = len(render(messages[: i + 1], generation_prompt=False))
+        if ids[:end] != render(messages[: i + 1], generation_prompt=False):
+            raise ValueError("the chat template does not render conversations as prefixes of each other")
+        for j in range(start, end):
+            mask[j] = True
+    return ids, mask
+
+
+def encode_row(row: object, tokenizer) -> tuple[list[int], list[bool]]:
+    """Tokenize one row into (input_ids, loss_mask). Raises ValueError describing a malformed row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}")
+    if "input_ids" in row:
+        ids = row["input_ids"]
+        if not isinstance(ids, Sequence) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError('"input_ids" must be a list of integers')
+        ids = list(ids)
+        if any(i < 0 or i >= len(tokenizer) for i in ids):
+            raise ValueError(f'"input_ids" has ids outside the vocabulary of {len(tokenizer)} tokens')
+        mask = row.get("loss_mask")
+        if mask is None:
+            return ids, [True] * len(ids)
+        if not isinstance(mask, Sequence) or len(mask) != len(ids):
+            raise ValueError('"loss_mask" must be a list as long as "input_ids"')
+        return ids, [bool(m) for m in mask]
+    if "messages" in row:
+        return _encode_messages(tokenizer, row["messages"])
+    if "prompt" in row or "completion" in row:
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError('"prompt" and "completion" must both be strings')
+        prompt_ids = _encode(tokenizer, prompt, special=True)
+        completion_ids = _with_eos(tokenizer, _encode(tokenizer, completion, special=False))
+        return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise ValueError('"text" must be a string')
+        ids = _with_eos(tokenizer, _encode(tokenizer, row["text"], special=True))
+        return ids, [True] * len(ids)
+    raise ValueError('a row needs "text", "prompt" and "completion", "messages", or "input_ids"')
+
+
+def build_examples(
+    source: str | Path,
+    tokenizer,
+    max_length: int,
+    skip_bad_rows: bool = False,
+    packing: bool = False,
+    split: str = "train",
+) -> tuple[list[Example], DataStats]:
+    """Read and tokenize every row of `source`; truncate (or pack) to `max_length`; drop rows with no loss."""
+    stats = DataStats()
+    examples: list[Example] = []
+    for where, row in read_rows(source, split):
+        stats.rows += 1
+        try:
+            if isinstance(row, Exception):
+                raise row
+            ids, mask = encode_row(row, tokenizer)
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise DistillError(f"bad row at {where}: {e} (set data.skip_bad_rows=true to skip such rows)") from None
+            stats.bad_rows += 1
+            if len(stats.bad_row_messages) < 5:
+                stats.bad_row_messages.append(f"{where}: {e}")
+            continue
+        if not packing and len(ids) > max_length:
+            stats.truncated_rows += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        example = Example(ids, mask)
+        if example.loss_tokens == 0:
+            stats.empty_rows += 1
+            continue
+        examples.append(example)
+    if packing:
+        examples = pack(examples, max_length)
+    stats.examples = len(examples)
+    stats.loss_tokens = sum(e.loss_tokens for e in examples)
+    return examples, stats
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples and cut the stream into blocks of `max_length` tokens (the last may be shorter).
+
+    Documents attend across their boundaries inside a block, the usual trade of packing for throughput.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for e in examples:
+        ids.extend(e.input_ids)
+        mask.extend(e.loss_mask)
+    blocks = [Example(ids[i : i + max_length], mask[i : i + max_length]) for i in range(0, len(ids), max_length)]
+    return [b for b in blocks if b.loss_tokens > 0]
+
+
+def split_eval(examples: list[Example], fraction: float, max_rows: int, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random share of examples for evaluation: (train, eval)."""
+    if len(examples) < 2:
+        raise DistillError("need at least 2 examples to hold some out for evaluation; give data.eval")
+    count = min(max(1, round(len(examples) * fraction)), max_rows, len(examples) - 1)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    held_out = [examples[i] for i in sorted(held)]
+    return train, held_out
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into a batch.
+
+    Returns input_ids (B, T) long, attention_mask (B, T) long, and labels (B, T-1) long: the target of
+    output position i is input_ids[:, i+1], or -100 where it does not count (prompt, padding, masked).
+    """
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)  # (B, T)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    labels = torch.where(loss_mask[:, 1:], targets, torch.full_like(targets, -100))  # (B, T-1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_id_of(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # pragma: no cover
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch; a pure function of (seed, epoch), so resume needs no state."""
+    order = list(range(num_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def step_example_indices(num_examples: int, seed: int, step: int, batch_size: int) -> list[int]:
+    """Indices of the `batch_size` examples of global optimizer step `step` (0-based) in the epoch stream."""
+    start = step * batch_size
+    indices = []
+    cached_epoch, cached_order = -1, []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_examples)
+        if epoch != cached_epoch:
+            cached_epoch, cached_order = epoch, epoch_order(num_examples, seed, epoch)
+        indices.append(cached_order[offset])
+    return indices
+
+
+def iter_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Fixed-order batches over all examples (evaluation)."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start : start + batch_size], pad_id)

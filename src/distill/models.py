@@ -1,0 +1,188 @@
+"""Loading teacher, student and tokenizer, and making sure their vocabularies line up.
+
+Logit distillation compares two distributions over the same tokens, so teacher and student must share a
+tokenizer. Embedding matrices are often padded beyond the tokenizer (Qwen: 151936 vs 152064 rows for one
+tokenizer); we then work over the tokenizer's real vocabulary, `len(tokenizer)`, and ignore the padding rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU that supports it and float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).exists()
+
+
+def _check_local_folder(source: str, role: str) -> None:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DistillError(f"{role} folder {source} does not exist")
+    if not path.is_dir():
+        raise DistillError(f"{role} {source} is a file; give the model's folder")
+    if not (path / "config.json").is_file():
+        raise DistillError(f"{role} folder {source} has no config.json (is it a transformers model folder?)")
+
+
+def load_config(source: str, role: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's transformers config, without loading weights."""
+    from transformers import AutoConfig
+
+    if _looks_local(source):
+        _check_local_folder(source, role)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as e:
+        raise DistillError(f"cannot load {role} config from {source}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise DistillError(f"{role} {source}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(
+    source: str,
+    role: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """A causal LM from a local folder or hub id, from safetensors weights only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    if _looks_local(source):
+        _check_local_folder(source, role)
+        folder = Path(source).expanduser()
+        if not any(folder.glob("*.safetensors")):
+            raise DistillError(f"{role} folder {source} has no .safetensors weights (pickle weights are not loaded)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True
+        )
+    except OSError as e:
+        raise DistillError(f"cannot load {role} model from {source}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise DistillError(f"{role} {source}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype, seed: int):
+    """A randomly initialized causal LM from a transformers config dict (needs `model_type`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise DistillError("recipe key student.config: needs model_type (e.g. llama, qwen2)")
+    config_dict.setdefault("vocab_size", vocab_size)
+    try:
+        config = AutoConfig.for_model(model_type, **config_dict)
+    except (ValueError, TypeError) as e:
+        raise DistillError(f"recipe key student.config: {str(e).splitlines()[0]}") from None
+    if config.vocab_size < vocab_size:
+        raise DistillError(
+            f"recipe key student.config.vocab_size: {config.vocab_size} is smaller than the tokenizer's {vocab_size}"
+        )
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, TypeError) as e:
+        raise DistillError(f"recipe key student.config: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_tokenizer(source: str, role: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise DistillError(f"{role} tokenizer folder {source} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError, TypeError) as e:
+        raise DistillError(f"cannot load {role} tokenizer from {source}: {str(e).splitlines()[0]}") from None
+
+
+def has_tokenizer(folder: str) -> bool:
+    path = Path(folder).expanduser()
+    return path.is_dir() and any(
+        (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def compare_tokenizers(teacher_tok, student_tok) -> str | None:
+    """None when both tokenizers map the same strings to the same ids; otherwise a one-line description."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab == s_vocab:
+        return None
+    only_t = sorted(set(t_vocab) - set(s_vocab), key=t_vocab.get)
+    only_s = sorted(set(s_vocab) - set(t_vocab), key=s_vocab.get)
+    moved = [tok for tok in set(t_vocab) & set(s_vocab) if t_vocab[tok] != s_vocab[tok]]
+    parts = [f"teacher has {len(t_vocab)} tokens, student {len(s_vocab)}"]
+    if only_t:
+        parts.append(f"{len(only_t)} only in the teacher's (e.g. {only_t[:3]})")
+    if only_s:
+        parts.append(f"{len(only_s)} only in the student's (e.g. {only_s[:3]})")
+    if moved:
+        example = sorted(moved)[0]
+        parts.append(f"{len(moved)} with different ids (e.g. {example!r}: {t_vocab[example]} vs {s_vocab[example]})")
+    return "; ".join(parts)
+
+
+def embedding_rows(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocabulary(tokenizer, teacher, student) -> int:
+    """The shared real vocabulary size; every model must have at least that many output rows."""
+    vocab_size = len(tokenizer)
+    for role, model in (("teacher", teacher), ("student", student)):
+        if model is not None and embedding_rows(model) < vocab_size:
+            raise DistillError(
+                f"{role} has {embedding_rows(model)} output rows but the tokenizer has {vocab_size} tokens"
+            )
+    return vocab_size
+
+
+def max_context(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- summary
+
+
+@dataclass
+class Models:
+    """What the training loop needs: the student (trainable), the teacher (frozen or None), the tokenizer."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tokenizer: object
+    vocab_size: int
+
+
+def count_parameters(model) -> int:
+    # Tied weights appear once in .parameters(), which is the count users expect.
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,405 @@
+"""The training loop: build models -> build data -> loop -> save. Reads top to bottom.
+
+Exactness matters more than cleverness here. The loss of a step is the sum over every loss token of the
+global batch divided by the number of those tokens, whatever the split into micro-batches and ranks. The data
+order and the learning rate are pure functions of the step number, and checkpoints carry optimizer and RNG
+states, so a run killed at any moment and resumed finishes with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill import atomic
+from distill.checkpoint import RunState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from distill.config import Recipe
+from distill.data import build_examples, collate, iter_batches, pad_id_of, split_eval, step_example_indices
+from distill.errors import DistillError
+from distill.evaluate import evaluate_batches
+from distill.losses import IGNORE_INDEX, loss_sums
+from distill.metrics import MetricsLog, ProgressDisplay
+from distill.models import (
+    Models,
+    check_vocabulary,
+    compare_tokenizers,
+    count_parameters,
+    has_tokenizer,
+    load_config,
+    load_model,
+    load_tokenizer,
+    max_context,
+    new_model_from_config,
+    resolve_dtype,
+)
+
+# Recipe sections whose change makes a checkpoint meaningless for this run.
+_RESUME_SENSITIVE = ("teacher", "student", "data", "objective")
+_RESUME_SENSITIVE_TRAINING = ("batch_size", "grad_accum", "lr", "seed", "weight_decay", "betas", "schedule")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    student_dir: Path
+    summary: dict
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def pick_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    device = recipe.training.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DistillError("recipe key training.device: cuda was asked for but no GPU is visible")
+    precision = recipe.training.mixed_precision
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and device != "cpu" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16 else "no"
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+
+
+def _check_context(recipe: Recipe, config, role: str) -> None:
+    context = max_context(config)
+    if context is not None and recipe.data.max_length > context:
+        raise DistillError(
+            f"recipe key data.max_length: {recipe.data.max_length} is beyond the {role}'s context of {context} tokens"
+        )
+
+
+def load_models(recipe: Recipe, device: torch.device, student_init: Path | None = None, log=print) -> Models:
+    """Teacher (frozen, eval mode, recipe dtype), student (fp32 master weights) and the shared tokenizer."""
+    t, s = recipe.teacher, recipe.student
+    use_teacher = recipe.needs_teacher and t.path is not None and t.cache is None
+    teacher_config = None
+    if t.path is not None:
+        teacher_config = load_config(t.path, "teacher", t.trust_remote_code, t.revision)
+        _check_context(recipe, teacher_config, "teacher")
+    student_source = str(student_init) if student_init is not None else s.path
+    if student_source is not None:
+        _check_context(recipe, load_config(student_source, "student", s.trust_remote_code, s.revision), "student")
+
+    tokenizer_source = s.tokenizer or t.path or student_source
+    tokenizer = load_tokenizer(tokenizer_source, "teacher" if tokenizer_source == t.path else "student")
+    if t.path is not None and student_source is not None and has_tokenizer(student_source):
+        difference = compare_tokenizers(tokenizer, load_tokenizer(student_source, "student"))
+        if difference is not None:
+            raise DistillError(
+                f"teacher and student tokenizers differ ({difference}); logit distillation needs one tokenizer"
+            )
+
+    if student_source is not None:
+        student = load_model(student_source, "student", torch.float32, s.trust_remote_code, s.revision)
+    else:
+        student = new_model_from_config(s.config, len(tokenizer), torch.float32, recipe.training.seed)
+        _check_context(recipe, student.config, "student")
+    teacher = None
+    if use_teacher:
+        teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        teacher.to(device)
+    vocab_size = check_vocabulary(tokenizer, teacher, student)
+    log(
+        f"student: {count_parameters(student) / 1e6:.2f}M parameters"
+        + (f"; teacher: {count_parameters(teacher) / 1e6:.2f}M parameters" if teacher is not None else "")
+        + f"; vocabulary: {vocab_size} tokens"
+    )
+    return Models(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size)
+
+
+def load_data(recipe: Recipe, tokenizer, log=print):
+    d = recipe.data
+    train, stats = build_examples(d.train, tokenizer, d.max_length, d.skip_bad_rows, d.packing, d.train_split)
+    if stats.bad_rows:
+        log(f"skipped {stats.bad_rows} malformed rows, e.g. {stats.bad_row_messages[0]}")
+    if stats.empty_rows:
+        log(f"skipped {stats.empty_rows} rows with no loss tokens")
+    if not train:
+        raise DistillError(f"data.train {d.train}: no usable examples ({stats.rows} rows read)")
+    if d.eval is not None:
+        held_out, eval_stats = build_examples(d.eval, tokenizer, d.max_length, d.skip_bad_rows, False, d.eval_split)
+        if not held_out:
+            raise DistillError(f"data.eval {d.eval}: no usable examples ({eval_stats.rows} rows read)")
+    else:
+        train, held_out = split_eval(train, d.eval_fraction, d.eval_max_rows, recipe.training.seed)
+    log(f"data: {len(train)} training examples ({sum(e.loss_tokens for e in train)} loss tokens), {len(held_out)} eval")
+    return train, held_out
+
+
+def learning_rate(recipe: Recipe, step: int) -> float:
+    """LR of 0-based optimizer step `step`: linear warm-up, then cosine or linear decay to min_lr_ratio."""
+    t = recipe.training
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1.0 - progress
+    return t.lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def step_loss_sums(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, teacher_signal):
+    """(divergence sum, cross-entropy sum) over the loss tokens of one micro-batch."""
+    o = recipe.objective
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if o.fused:
+        from distill.fused import fused_step_sums
+
+        return fused_step_sums(models, batch, recipe, teacher_signal)
+    student_logits = models.student(input_ids=input_ids, attention_mask=attention_mask).logits
+    student_logits = student_logits[:, :-1, : models.vocab_size]  # (B, T-1, V): output i predicts token i+1
+    teacher_logits = None
+    if models.teacher is not None and o.kd_weight > 0:
+        with torch.no_grad():
+            teacher_logits = models.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            teacher_logits = teacher_logits[:, :-1, : models.vocab_size]  # (B, T-1, V)
+    return loss_sums(student_logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _prepare_output(recipe: Recipe, resume: bool) -> tuple[Path, Path | None]:
+    out = Path(recipe.output.dir)
+    checkpoints = list_checkpoints(out / "checkpoints")
+    saved_recipe = out / "recipe.yaml"
+    if checkpoints and not resume:
+        raise DistillError(
+            f"output.dir {out} already holds checkpoints of a run; pass --resume to continue it or choose another"
+        )
+    if resume and checkpoints and saved_recipe.exists():
+        from distill.config import load_recipe
+
+        before = load_recipe(saved_recipe)
+        for section in _RESUME_SENSITIVE:
+            if getattr(before, section) != getattr(recipe, section):
+                raise DistillError(f"--resume: recipe section {section} changed since the run started")
+        for key in _RESUME_SENSITIVE_TRAINING:
+            if getattr(before.training, key) != getattr(recipe.training, key):
+                raise DistillError(f"--resume: recipe key training.{key} changed since the run started")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(saved_recipe, recipe.to_yaml())
+    return out, (checkpoints[-1] if resume and checkpoints else None)
+
+
+def _student_init(recipe: Recipe, out: Path, log) -> Path | None:
+    """Build the pruned student once per run folder (kept for resume)."""
+    spec = recipe.student.from_teacher
+    if spec is None:
+        return None
+    folder = out / "student-init"
+    if not folder.exists():
+        from distill.student import build_student
+
+        build_student(
+            recipe.teacher.path,
+            folder,
+            layers=spec.layers,
+            params=spec.params,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            heads=spec.heads,
+            calibration=spec.calibration or recipe.data.train,
+            layer_selection=spec.layer_selection,
+            trust_remote_code=recipe.teacher.trust_remote_code,
+            log=log,
+        )
+    return folder
+
+
+def _teacher_signal(recipe: Recipe, models: Models):
+    """Where the teacher's distributions come from: None (online teacher or no teacher) or a cache reader."""
+    if recipe.teacher.cache is None or not recipe.needs_teacher:
+        return None
+    from distill.cache import open_cache_for_training
+
+    return open_cache_for_training(recipe, models.tokenizer)
+
+
+def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print, show_progress: bool = True):
+    """Run `distill train`: returns the run folder, the saved student folder and the summary."""
+    recipe.check_runnable()
+    accelerator = pick_accelerator(recipe)
+    t = recipe.training
+    out, checkpoint = _prepare_output(recipe, resume)
+    torch.manual_seed(t.seed)
+    student_init = _student_init(recipe, out, log)
+    models = load_models(recipe, accelerator.device, student_init, log)
+    tokenizer, pad_id = models.tokenizer, pad_id_of(models.tokenizer)
+    train_examples, eval_examples = load_data(recipe, tokenizer, log)
+    teacher_signal = _teacher_signal(recipe, models)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = t.batch_size // world
+    if per_rank * world != t.batch_size or per_rank % t.grad_accum:
+        raise DistillError(
+            f"recipe key training.batch_size: {t.batch_size} does not split into {world} processes "
+            f"× {t.grad_accum} micro-batches"
+        )
+    micro = per_rank // t.grad_accum
+
+    student = models.student
+    student.train()
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=t.betas,
+        foreach=False,  # one code path on every device keeps resumed and uninterrupted runs bitwise equal
+    )
+    student, optimizer = accelerator.prepare(student, optimizer)
+    models.student = student
+
+    state = RunState()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer)
+        log(f"resumed from {checkpoint} (step {state.step})")
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics.truncate_after(state.step)
+
+    eval_micro = max(1, micro)
+
+    def run_eval(step: int) -> dict:
+        student.eval()
+        batches = iter_batches(eval_examples, eval_micro, pad_id)
+        if t.eval_batches:
+            batches = (b for i, b in enumerate(batches) if i < t.eval_batches)
+        result = evaluate_batches(
+            accelerator.unwrap_model(student), models.teacher, batches, models.vocab_size, accelerator.device
+        )
+        student.train()
+        event = {"event": "eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}}
+        metrics.write(event)
+        return event
+
+    o = recipe.objective
+    device = accelerator.device
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # found without a host sync per step
+    window_loss = torch.zeros(3, device=device)  # loss, kd, ce sums over steps since the last log line
+    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    run_start = time.perf_counter() - state.elapsed_s
+    grad_norm = torch.zeros((), device=device)
+
+    progress = ProgressDisplay(t.steps, state.step, enabled=show_progress and accelerator.is_main_process)
+    with progress:
+        for step in range(state.step, t.steps):
+            lr = learning_rate(recipe, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            indices = step_example_indices(len(train_examples), t.seed, step, t.batch_size)
+            mine = indices[rank * per_rank : (rank + 1) * per_rank]
+            batches = [
+                collate([train_examples[i] for i in mine[j : j + micro]], pad_id) for j in range(0, per_rank, micro)
+            ]
+            local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            global_tokens = local_tokens
+            if world > 1:
+                global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+            # DDP averages gradients over ranks, so each rank divides by the global count / world size.
+            normalizer = max(global_tokens, 1) / world
+            step_sums = torch.zeros(2, device=device)
+            for j, batch in enumerate(batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = j == len(batches) - 1
+                with nullcontext() if sync else accelerator.no_sync(student), accelerator.autocast():
+                    kd_sum, ce_sum = step_loss_sums(models, batch, recipe, teacher_signal)
+                    loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
+                accelerator.backward(loss)
+                step_sums += torch.stack([kd_sum.detach().float(), ce_sum.detach().float()])
+            if t.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_means = step_sums / max(local_tokens, 1)
+            step_loss = o.kd_weight * step_means[0] + o.ce_weight * step_means[1]
+            bad = ~torch.isfinite(step_loss)
+            first_bad_step = torch.where(bad & (first_bad_step < 0), step + 1, first_bad_step)
+            window_loss += torch.stack([step_loss, step_means[0], step_means[1]])
+            window_steps += 1
+            step_tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world
+            window_tokens += step_tokens
+            state.step = step + 1
+            state.tokens_seen += step_tokens
+            state.loss_tokens_seen += global_tokens
+            progress.advance(state.step)
+
+            last = state.step == t.steps
+            if state.step % t.log_every == 0 or last or state.step % t.save_every == 0:
+                _stop_if_diverged(first_bad_step, out)
+                now = time.perf_counter()
+                means = (window_loss / max(window_steps, 1)).tolist()
+                rate = window_tokens / max(now - window_start, 1e-9)
+                event = {
+                    "event": "train",
+                    "step": state.step,
+                    "loss": means[0],
+                    "kd_loss": means[1],
+                    "ce_loss": means[2],
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens": state.tokens_seen,
+                    "tokens_per_s": rate,
+                    "elapsed_s": now - run_start,
+                }
+                metrics.write(event)
+                progress.show(loss=means[0], tokens_per_s=rate)
+                window_loss.zero_()
+                window_tokens, window_steps, window_start = 0, 0, now
+            if state.step % t.eval_every == 0 or last:
+                state.last_eval = run_eval(state.step)
+            if state.step % t.save_every == 0 or last:
+                state.elapsed_s = time.perf_counter() - run_start
+                if accelerator.is_main_process:
+                    save_checkpoint(out / "checkpoints", accelerator.unwrap_model(student), optimizer, state)
+                    prune_checkpoints(out / "checkpoints", t.keep_checkpoints)
+                accelerator.wait_for_everyone()
+
+    summary = {
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "loss_tokens": state.loss_tokens_seen,
+        "time_s": time.perf_counter() - run_start,
+        "student_params": count_parameters(accelerator.unwrap_model(student)),
+        "teacher_params": count_parameters(models.teacher) if models.teacher is not None else None,
+        "final_eval": state.last_eval,
+    }
+    student_dir = out / "student"
+    if accelerator.is_main_process:
+        save_student(accelerator.unwrap_model(student), tokenizer, recipe, summary, student_dir)
+    accelerator.wait_for_everyone()
+    log(f"student written to {student_dir}")
+    return TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
+
+
+def _stop_if_diverged(first_bad_step: torch.Tensor, out: Path) -> None:
+    bad_step = int(first_bad_step)
+    if bad_step >= 0:
+        kept = list_checkpoints(out / "checkpoints")
+        last_good = f"; the last good checkpoint is {kept[-1]}" if kept else ""
+        raise DistillError(f"the loss became NaN or infinite at step {bad_step} (try a lower training.lr){last_good}")
+
+
+def save_student(model, tokenizer, recipe: Recipe, summary: dict, folder: Path) -> None:
+    """The final student: save_pretrained + tokenizer + recipe.yaml + summary.json, moved into place whole."""
+    tmp = atomic.fresh_tmp_folder(folder)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    atomic.write_json(tmp / "summary.json", summary)
+    atomic.replace_folder(tmp, folder)
