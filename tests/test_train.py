@@ -177,15 +177,15 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
 ):
     import distill.train as train_module
 
-    real = train_module.step_loss_sums
+    real = train_module.step_loss
     calls = {"n": 0}
 
-    def poisoned(models, batch, recipe, signal):
+    def poisoned(models, batch, recipe, normalizer, signal):
         calls["n"] += 1
-        kd, ce = real(models, batch, recipe, signal)
-        return (kd * float("nan"), ce) if calls["n"] == 3 else (kd, ce)
+        loss, kd, ce = real(models, batch, recipe, normalizer, signal)
+        return (loss * float("nan"), kd * float("nan"), ce) if calls["n"] == 3 else (loss, kd, ce)
 
-    monkeypatch.setattr(train_module, "step_loss_sums", poisoned)
+    monkeypatch.setattr(train_module, "step_loss", poisoned)
     content = recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", training={"steps": 6})
     from distill.errors import DistillError
 

@@ -92,6 +92,19 @@ def _command_student(args) -> int:
     return 0
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting key=value overrides come after flags too (`distill train r.yaml --resume a.b=1`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        raise DistillError(f"distill: unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def _quiet_libraries() -> None:
     try:
         from transformers.utils import logging as hf_logging
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         if args.command in ("train", "run"):
             return _command_train(args)
         if args.command == "config":

@@ -7,6 +7,7 @@ wrong types and impossible values raise `DistillError` with one line naming the 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # No inf/nan anywhere: `lr: .inf` would pass `gt=0` and wreck a run long after validation.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class TeacherConfig(Section):
@@ -180,6 +182,8 @@ class Recipe(Section):
         """Cross-section checks for training, before any model is loaded."""
         if self.teacher.cache is not None:
             raise DistillError("recipe key teacher.cache: training from a teacher cache is not available yet")
+        if self.objective.on_policy.lambda_ > 0:
+            raise DistillError("recipe key objective.on_policy.lambda: on-policy distillation is not available yet")
         if self.data.train is None:
             raise DistillError("recipe key data.train: no training data given")
         if self.needs_teacher and self.teacher.path is None and self.teacher.cache is None:
@@ -201,6 +205,19 @@ class Recipe(Section):
 # ---------------------------------------------------------------- loading
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string; users mean a float, as in YAML 1.2."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: builds no Python objects
+
+
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
@@ -220,7 +237,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise DistillError(f"override {text!r}: expected dotted.key=value")
     try:
-        return key, yaml.safe_load(value) if value else None
+        return key, _yaml_load(value) if value else None
     except yaml.YAMLError:
         return key, value
 
@@ -289,7 +306,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None =
     if not path.is_file():
         raise DistillError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise DistillError(f"cannot read recipe {path}: {e}") from None
     except yaml.YAMLError as e:

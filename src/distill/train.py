@@ -151,14 +151,16 @@ def learning_rate(recipe: Recipe, step: int) -> float:
 # ---------------------------------------------------------------- loss
 
 
-def step_loss_sums(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, teacher_signal):
-    """(divergence sum, cross-entropy sum) over the loss tokens of one micro-batch."""
-    o = recipe.objective
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    if o.fused:
-        from distill.fused import fused_step_sums
+def step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float, teacher_signal):
+    """(loss to back-propagate, divergence sum, cross-entropy sum) of one micro-batch.
 
-        return fused_step_sums(models, batch, recipe, teacher_signal)
+    The sums run over the micro-batch's loss tokens; the loss is kd_weight·kd_sum + ce_weight·ce_sum divided by
+    `normalizer`, the global batch's loss-token count (per rank).
+    """
+    o = recipe.objective
+    if o.fused:
+        return fused_step_loss(models, batch, recipe, normalizer)
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     student_logits = models.student(input_ids=input_ids, attention_mask=attention_mask).logits
     student_logits = student_logits[:, :-1, : models.vocab_size]  # (B, T-1, V): output i predicts token i+1
     teacher_logits = None
@@ -166,7 +168,39 @@ def step_loss_sums(models: Models, batch: dict[str, torch.Tensor], recipe: Recip
         with torch.no_grad():
             teacher_logits = models.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
             teacher_logits = teacher_logits[:, :-1, : models.vocab_size]  # (B, T-1, V)
-    return loss_sums(student_logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
+    kd_sum, ce_sum = loss_sums(student_logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
+    loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
+    return loss, kd_sum.detach(), ce_sum.detach()
+
+
+def fused_step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float):
+    """The same sums as the plain path, from the backbones' hidden states: no full logits exist anywhere."""
+    from distill.fused import fused_loss_sums
+    from distill.heads import backbone_hidden_states, output_head
+
+    o = recipe.objective
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden = backbone_hidden_states(models.student, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+    teacher_hidden = teacher_head = None
+    if models.teacher is not None and o.kd_weight > 0:
+        with torch.no_grad():
+            teacher_hidden = backbone_hidden_states(models.teacher, input_ids, attention_mask)[:, :-1]  # (B, T-1, Ht)
+        teacher_head = output_head(models.teacher)
+    return fused_loss_sums(
+        hidden,
+        output_head(models.student),
+        labels,
+        teacher_hidden=teacher_hidden,
+        teacher_head=teacher_head,
+        vocab_size=models.vocab_size,
+        divergence=o.divergence,
+        beta=o.beta,
+        skew=o.skew,
+        temperature=o.temperature,
+        ce_weight=o.ce_weight,
+        kd_weight=o.kd_weight,
+        normalizer=normalizer,
+    )
 
 
 # ---------------------------------------------------------------- the run
@@ -241,6 +275,8 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     tokenizer, pad_id = models.tokenizer, pad_id_of(models.tokenizer)
     train_examples, eval_examples = load_data(recipe, tokenizer, log)
     teacher_signal = _teacher_signal(recipe, models)
+    if recipe.objective.fused:
+        _check_fused_heads(models, train_examples[0].input_ids[:16], accelerator.device)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank = t.batch_size // world
@@ -317,20 +353,19 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = j == len(batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(student), accelerator.autocast():
-                    kd_sum, ce_sum = step_loss_sums(models, batch, recipe, teacher_signal)
-                    loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
+                    loss, kd_sum, ce_sum = step_loss(models, batch, recipe, normalizer, teacher_signal)
                 accelerator.backward(loss)
-                step_sums += torch.stack([kd_sum.detach().float(), ce_sum.detach().float()])
+                step_sums += torch.stack([kd_sum.float(), ce_sum.float()])
             if t.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             step_means = step_sums / max(local_tokens, 1)
-            step_loss = o.kd_weight * step_means[0] + o.ce_weight * step_means[1]
-            bad = ~torch.isfinite(step_loss)
+            mean_loss = o.kd_weight * step_means[0] + o.ce_weight * step_means[1]
+            bad = ~torch.isfinite(mean_loss)
             first_bad_step = torch.where(bad & (first_bad_step < 0), step + 1, first_bad_step)
-            window_loss += torch.stack([step_loss, step_means[0], step_means[1]])
+            window_loss += torch.stack([mean_loss, step_means[0], step_means[1]])
             window_steps += 1
             step_tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world
             window_tokens += step_tokens
@@ -385,6 +420,25 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     accelerator.wait_for_everyone()
     log(f"student written to {student_dir}")
     return TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
+
+
+def _check_fused_heads(models: Models, ids: list[int], device: torch.device) -> None:
+    """Fail before training when the fused path would not see the logits the model itself produces."""
+    from distill.heads import verify_output_head
+
+    input_ids = torch.tensor([ids], device=device)
+    for role, model in (("student", models.student), ("teacher", models.teacher)):
+        if model is None:
+            continue
+        was_training = model.training
+        model.eval()  # no dropout: the comparison must be deterministic
+        try:
+            with torch.no_grad():
+                verify_output_head(model, input_ids)
+        except ValueError as e:
+            raise DistillError(f"objective.fused: {role}: {e}; set objective.fused=false") from None
+        finally:
+            model.train(was_training)
 
 
 def _stop_if_diverged(first_bad_step: torch.Tensor, out: Path) -> None:
