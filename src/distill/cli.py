@@ -44,6 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the resolved recipe with every default filled in")
     _add_recipe_arguments(show)
 
+    evaluate = commands.add_parser("eval", help="evaluate teacher and students; write the retention report")
+    evaluate.add_argument("--teacher", required=True, help="teacher model folder or hub id")
+    evaluate.add_argument(
+        "--student", action="append", required=True, metavar="DIR|NAME=DIR", help="a student (repeatable)"
+    )
+    evaluate.add_argument("--baseline", action="append", metavar="DIR|NAME=DIR", help="a baseline model")
+    evaluate.add_argument("--data", required=True, help="held-out rows (any data format)")
+    evaluate.add_argument("--out", default="./eval-report", help="folder for report.json/.md/.html")
+    evaluate.add_argument("--generation", help="prompt/answer rows for exact-match accuracy")
+    evaluate.add_argument("--metrics", help="a run's metrics.jsonl, for training curves")
+    evaluate.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    evaluate.add_argument("--max-rows", type=int, help="evaluate at most this many examples")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
+    evaluate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    evaluate.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
+    evaluate.add_argument("--quick", action="store_true", help="fewer timing runs and at most 64 examples")
+    evaluate.add_argument("--speed-runs", type=int, help="timing repetitions (median is reported)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+
     student = commands.add_parser("student", help="build a student by pruning a teacher")
     student.add_argument("teacher", help="teacher model folder or hub id")
     student.add_argument("--out", required=True, help="folder to write the student to")
@@ -69,6 +89,35 @@ def _command_config(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     sys.stdout.write(recipe.to_yaml())
+    return 0
+
+
+def _command_eval(args) -> int:
+    from distill.evaluate import evaluate_models, parse_model_arguments
+    from distill.speed import SpeedSettings
+
+    settings = None
+    if args.quick:
+        settings = SpeedSettings.quick()
+    elif args.speed_runs is not None:
+        settings = SpeedSettings(runs=args.speed_runs)
+    report = evaluate_models(
+        args.teacher,
+        parse_model_arguments(args.student or [], args.baseline or []),
+        args.data,
+        args.out,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_rows=args.max_rows or (64 if args.quick else None),
+        generation=args.generation,
+        metrics_path=args.metrics,
+        speed=not args.no_speed,
+        speed_settings=settings,
+        device=args.device,
+        dtype=args.dtype,
+        show_progress=not args.quiet,
+    )
+    del report
     return 0
 
 
@@ -128,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _command_config(args)
         if args.command == "student":
             return _command_student(args)
+        if args.command == "eval":
+            return _command_eval(args)
         raise DistillError(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
     except DistillError as e:
         print(f"distill: error: {e}", file=sys.stderr)

@@ -161,6 +161,14 @@ class CacheConfig(Section):
     top_k: int = Field(32, gt=0, description="Teacher log-probs stored per token.")
 
 
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="Evaluate teacher and student and write report.json/.md/.html at the end.")
+    speed: bool = Field(True, description="Measure prefill and decode tokens/s in the report.")
+    baseline: str | None = Field(None, description="Another student folder to compare against (e.g. hard labels).")
+    generation: str | None = Field(None, description="Prompt/answer rows for an exact-match generation check.")
+    max_rows: int | None = Field(None, gt=0, description="Evaluate at most this many held-out examples.")
+
+
 class OutputConfig(Section):
     dir: str = Field("./runs/distill", description="Run folder: student/, checkpoints/, metrics.jsonl, reports.")
 
@@ -172,6 +180,7 @@ class Recipe(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="What the student optimizes.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimization and bookkeeping.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Offline teacher signals.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The retention report after training.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 
     @property
@@ -280,6 +289,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         ("data", "train"),
         ("data", "eval"),
         ("cache", "dir"),
+        ("report", "baseline"),
+        ("report", "generation"),
         ("output", "dir"),
     ]:
         fix(section, key)

@@ -115,9 +115,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}[{number}]", row
 
 
-def _read_hf(dataset) -> Iterator[tuple[str, object]]:
+def _read_hf(dataset, source: str) -> Iterator[tuple[str, object]]:
     for number, row in enumerate(dataset, start=1):
-        yield f"row {number}", row
+        yield f"{source} row {number}", row
 
 
 def _load_hf(source: str, split: str):
@@ -149,10 +149,10 @@ def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, o
     if not path.exists():
         if str(source).startswith((".", "/", "~")) or path.suffix.lower() in ROW_SUFFIXES:
             raise DistillError(f"data file {source} does not exist")
-        yield from _read_hf(_load_hf(str(source), split))
+        yield from _read_hf(_load_hf(str(source), split), str(source))
         return
     if _is_hf_dataset_folder(path):
-        yield from _read_hf(_load_hf(str(path), split))
+        yield from _read_hf(_load_hf(str(path), split), str(path))
         return
     for file in _files_under(path):
         suffix = file.suffix.lower()
@@ -201,7 +201,11 @@ def _encode_messages(tokenizer, messages) -> tuple[list[int], list[bool]]:
         if message["role"] != "assistant":
             continue
         # The assistant's tokens are what the conversation up to this turn adds beyond the generation prompt.
-        start = len(render(messages[:i], generation_prompt=True))
+        # Compare tokens rather than take the prompt's length: BPE may merge the prompt's trailing space into
+        # the reply's first token, which is then a target too.
+        prompt = render(messages[:i], generation_prompt=True)
+        shared = zip(ids, prompt, strict=False)  # prompt may be longer than the prefix it shares with ids
+        start = next((j for j, (a, b) in enumerate(shared) if a != b), min(len(ids), len(prompt)))
         end = len(render(messages[: i + 1], generation_prompt=False))
         if ids[:end] != render(messages[: i + 1], generation_prompt=False):
             raise ValueError("the chat template does not render conversations as prefixes of each other")
@@ -214,6 +218,8 @@ def encode_row(row: object, tokenizer) -> tuple[list[int], list[bool]]:
     """Tokenize one row into (input_ids, loss_mask). Raises ValueError describing a malformed row."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
+    # Columnar files (Parquet, datasets) give every row every column; a row's missing fields come back as None.
+    row = {key: value for key, value in row.items() if value is not None}
     if "input_ids" in row:
         ids = row["input_ids"]
         if not isinstance(ids, Sequence) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):

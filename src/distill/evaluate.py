@@ -200,12 +200,13 @@ def _score_pass(
     vocab_size: int,
     progress=None,
     description: str = "eval",
+    teacher_metrics: bool = True,
 ) -> tuple[_Collected, _Collected]:
     """One pass over the eval set: per-token results of `model` against the teacher, and of the teacher itself.
 
-    The teacher's own results (KL 0, agreement 1 by construction) come from the same forward, so the teacher
-    runs once per pass. `model` may be None (teacher only). Each model stays on its own device and dtype;
-    the teacher's logits move to the model's device for the comparison.
+    With `teacher_metrics`, the teacher's own results (KL 0, agreement 1 by construction) come from the same
+    forward, so the teacher runs once per pass. `model` may be None (teacher only). Each model stays on its own
+    device and dtype; the teacher's logits move to the model's device for the comparison.
     """
     teacher_device = model_device(teacher)
     model_dev = model_device(model) if model is not None else teacher_device
@@ -215,10 +216,9 @@ def _score_pass(
         batch = collate(examples[first : first + batch_size], pad_id)
         labels = batch["labels"]  # (B, T-1)
         width = labels.shape[1]
-
         teacher_logits = _logits(teacher, batch, teacher_device, vocab_size)  # (B, T-1, V)
-        teacher_labels = labels.to(teacher_device)
-        teacher_out.add(token_metrics(teacher_logits, teacher_labels, teacher_logits), first, width)
+        if teacher_metrics:
+            teacher_out.add(token_metrics(teacher_logits, labels.to(teacher_device), teacher_logits), first, width)
         if model is not None:
             logits = _logits(model, batch, model_dev, vocab_size)  # (B, T-1, V)
             metrics = token_metrics(logits, labels.to(model_dev), teacher_logits.to(model_dev))
@@ -349,6 +349,28 @@ def _spec(name: str, value, dtype: str, device: str | None) -> ModelSpec:
     return ModelSpec(name, str(value), dtype, device)
 
 
+def parse_model_arguments(students: Sequence[str] = (), baselines: Sequence[str] = ()) -> dict[str, str]:
+    """`--student DIR` / `--student NAME=DIR` / `--baseline DIR` values -> {name: path}, in the order given.
+
+    A value is NAME=DIR when it holds "=", is not itself an existing path, and NAME is a plain name; a bare DIR
+    is named "student" (or "baseline"). Names must be unique and not "teacher"."""
+    models: dict[str, str] = {}
+    for default, values in (("student", students), ("baseline", baselines)):
+        for value in values:
+            name, path = default, value
+            head, sep, tail = value.partition("=")
+            if sep and not Path(value).exists() and head.replace("-", "_").replace(".", "_").isidentifier():
+                name, path = head, tail
+            if not path:
+                raise DistillError(f"--{default} {value}: give a model folder")
+            if name in models or name == "teacher":
+                raise DistillError(f"model name {name!r} given twice or reserved; use --student NAME=DIR")
+            models[name] = path
+    if not models:
+        raise DistillError("distill eval: give at least one --student DIR")
+    return models
+
+
 def _ratio(numerator, denominator):
     if numerator is None or denominator is None or denominator == 0:
         return None
@@ -411,10 +433,11 @@ DEFINITIONS = {
 }
 
 
-def _release(model) -> None:
-    device = model_device(model)
-    del model
-    gc.collect()
+def _free_memory(device: torch.device, large: bool) -> None:
+    """Return a dropped model's memory before the next one loads. A full garbage collection (modules hold
+    reference cycles) costs about a second in a big process, so small CPU models skip it."""
+    if large or device.type == "cuda":
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -429,6 +452,7 @@ def evaluate_models(
     batch_size: int = 8,
     max_rows: int | None = None,
     generation: str | None = None,
+    generation_extra_tokens: int = 16,
     metrics_path: str | None = None,
     speed: bool = True,
     speed_settings: SpeedSettings | None = None,
@@ -439,10 +463,18 @@ def evaluate_models(
 ) -> dict:
     """Evaluate the teacher and every model on the same held-out data; write the report into `out_dir`.
 
-    `models` maps a name ("student", "baseline", or any NAME) to a model folder or hub id, or to
-    {"path", "dtype", "device"} to run that model in another dtype or on another device than the teacher.
-    Models are loaded one at a time beside the teacher (memory: teacher + one model). Returns the report
-    dict (the report.json contract plus extra keys). `out_dir=None` writes nothing.
+    `teacher_dir` is a folder or hub id (or {"path", "dtype", "device"}); `models` maps a name ("student",
+    "baseline", or any NAME) to a folder or hub id, or to {"path", "dtype", "device"} to run that model in
+    another dtype or on another device than the teacher. Models are loaded one at a time beside the teacher
+    (memory: teacher + one model); the teacher's logits are recomputed for each.
+
+    `data` is read and tokenized exactly as training reads eval data (`build_examples`, truncation to
+    `max_length`); `max_rows` keeps the first that many examples. `generation` is an optional prompt/answer
+    file for exact match. `metrics_path` (or `out_dir/metrics.jsonl`) gives training curves. `speed=False`
+    skips timing (its keys are then null); `speed_settings` sets runs and tokens (`SpeedSettings.quick()`).
+    `device` defaults to cuda when available; `dtype` (auto | float32 | bfloat16 | float16) applies to every
+    model without its own. Returns the report dict (the report.json contract plus extra keys) and writes
+    report.json/.md/.html and PNGs into `out_dir` (None: writes nothing). User mistakes raise DistillError.
     """
     default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher_spec = _spec("teacher", teacher_dir, dtype, default_device)
@@ -473,7 +505,12 @@ def evaluate_models(
     settings = speed_settings or SpeedSettings()
 
     def load(spec: ModelSpec):
-        dev = torch.device(spec.device)
+        try:
+            dev = torch.device(spec.device)
+        except RuntimeError:
+            raise DistillError(f"{spec.name} device {spec.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DistillError(f"{spec.name} device {spec.device!r}: CUDA is not available here")
         if spec.dtype != "auto" and spec.dtype not in DTYPES:
             raise DistillError(f"{spec.name} dtype {spec.dtype!r}: choose auto, {', '.join(DTYPES)}")
         model = load_model(spec.path, spec.name, resolve_dtype(spec.dtype, dev))
@@ -503,7 +540,7 @@ def evaluate_models(
         else:
             result.update(prefill_tokens_per_s=None, decode_tokens_per_s=None, peak_memory_bytes=None)
         if generation_rows is not None:
-            result.update(exact_match(model, tokenizer, generation_rows, max_length))
+            result.update(exact_match(model, tokenizer, generation_rows, max_length, generation_extra_tokens))
         return result
 
     teacher = load(teacher_spec)
@@ -522,14 +559,24 @@ def evaluate_models(
                 )
             name = spec.name if spec is not None else "teacher"
             teacher_part, model_part = _score_pass(
-                teacher, model, examples, batch_size, pad_id, vocab_size, progress, f"eval {name}"
+                teacher,
+                model,
+                examples,
+                batch_size,
+                pad_id,
+                vocab_size,
+                progress,
+                f"eval {name}",
+                teacher_quality is None,
             )
             if teacher_quality is None:
                 teacher_quality = summarize(teacher_part, total_bytes, examples, tokenizer)
             if model is not None:
                 quality = summarize(model_part, total_bytes, examples, tokenizer)
                 results[spec.name] = {**quality, **cost(model, spec)}
-                _release(model)
+                device_used, large = model_device(model), count_parameters(model) > 50_000_000
+                del model, model_part
+                _free_memory(device_used, large)
     report_models = {"teacher": {**teacher_quality, **teacher_cost}}
     report_models.update(results)
     teacher_result = report_models["teacher"]
@@ -554,7 +601,6 @@ def evaluate_models(
 
         write_report(report, out_dir, metrics_path)
         log(f"report written to {Path(out_dir) / 'report.html'}")
-    _release(teacher)
     return report
 
 

@@ -14,6 +14,14 @@ import torch
 
 from distill.errors import DistillError
 
+try:
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - older huggingface_hub; transformers 4 configs raise ValueError
+    StrictDataclassError = ValueError
+
+# transformers 5 validates configs with huggingface_hub's strict dataclasses; their errors mean a bad config too.
+CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +58,7 @@ def load_config(source: str, role: str, trust_remote_code: bool = False, revisio
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
         raise DistillError(f"cannot load {role} config from {source}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
+    except CONFIG_ERRORS as e:
         raise DistillError(f"{role} {source}: {str(e).splitlines()[0]}") from None
 
 
@@ -82,16 +90,19 @@ def load_model(
 
 def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype, seed: int):
     """A randomly initialized causal LM from a transformers config dict (needs `model_type`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type", None)
     if model_type is None:
         raise DistillError("recipe key student.config: needs model_type (e.g. llama, qwen2)")
+    if model_type not in CONFIG_MAPPING:
+        # transformers' own message lists every known type: thousands of characters on one line.
+        raise DistillError(f"recipe key student.config.model_type: unknown model type {model_type!r}")
     config_dict.setdefault("vocab_size", vocab_size)
     try:
         config = AutoConfig.for_model(model_type, **config_dict)
-    except (ValueError, TypeError) as e:
+    except CONFIG_ERRORS as e:
         raise DistillError(f"recipe key student.config: {str(e).splitlines()[0]}") from None
     if config.vocab_size < vocab_size:
         raise DistillError(
@@ -100,7 +111,7 @@ def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, TypeError) as e:
+    except CONFIG_ERRORS as e:
         raise DistillError(f"recipe key student.config: {str(e).splitlines()[0]}") from None
     return model
 
@@ -112,6 +123,9 @@ def load_tokenizer(source: str, role: str, trust_remote_code: bool = False, revi
         path = Path(source).expanduser()
         if not path.is_dir():
             raise DistillError(f"{role} tokenizer folder {source} does not exist")
+        if not has_tokenizer(source):
+            # transformers would quietly build an empty tokenizer from the model's config alone.
+            raise DistillError(f"{role} folder {source} has no tokenizer files (tokenizer.json, tokenizer_config.json)")
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, TypeError) as e:
@@ -129,13 +143,21 @@ def has_tokenizer(folder: str) -> bool:
 
 
 def compare_tokenizers(teacher_tok, student_tok) -> str | None:
-    """None when both tokenizers map the same strings to the same ids; otherwise a one-line description."""
+    """None when the student's tokenizer maps every teacher token to the same id; else a one-line description.
+
+    A student tokenizer that only appends tokens after the teacher's last id is compatible: the data is
+    tokenized with the teacher's tokenizer, so those ids never occur, and distillation works over the teacher's
+    vocabulary. (transformers 5 does this by itself: the same tokenizer files load with an extra
+    `<|endoftext|>` in a qwen2 model folder.)
+    """
     t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
     if t_vocab == s_vocab:
         return None
     only_t = sorted(set(t_vocab) - set(s_vocab), key=t_vocab.get)
     only_s = sorted(set(s_vocab) - set(t_vocab), key=s_vocab.get)
     moved = [tok for tok in set(t_vocab) & set(s_vocab) if t_vocab[tok] != s_vocab[tok]]
+    if not only_t and not moved and all(s_vocab[tok] >= len(t_vocab) for tok in only_s):
+        return None
     parts = [f"teacher has {len(t_vocab)} tokens, student {len(s_vocab)}"]
     if only_t:
         parts.append(f"{len(only_t)} only in the teacher's (e.g. {only_t[:3]})")

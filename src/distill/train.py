@@ -8,6 +8,7 @@ states, so a run killed at any moment and resumed finishes with the same weights
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -88,9 +89,12 @@ def load_models(recipe: Recipe, device: torch.device, student_init: Path | None 
         _check_context(recipe, load_config(student_source, "student", s.trust_remote_code, s.revision), "student")
 
     tokenizer_source = s.tokenizer or t.path or student_source
-    tokenizer = load_tokenizer(tokenizer_source, "teacher" if tokenizer_source == t.path else "student")
+    if tokenizer_source == t.path:
+        tokenizer = load_tokenizer(t.path, "teacher", t.trust_remote_code, t.revision)
+    else:
+        tokenizer = load_tokenizer(tokenizer_source, "student", s.trust_remote_code, s.revision)
     if t.path is not None and student_source is not None and has_tokenizer(student_source):
-        difference = compare_tokenizers(tokenizer, load_tokenizer(student_source, "student"))
+        difference = compare_tokenizers(tokenizer, load_tokenizer(student_source, "student", s.trust_remote_code))
         if difference is not None:
             raise DistillError(
                 f"teacher and student tokenizers differ ({difference}); logit distillation needs one tokenizer"
@@ -419,7 +423,43 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
         save_student(accelerator.unwrap_model(student), tokenizer, recipe, summary, student_dir)
     accelerator.wait_for_everyone()
     log(f"student written to {student_dir}")
-    return TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
+    result = TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
+    if accelerator.is_main_process and recipe.report.enabled and models.teacher is not None:
+        del optimizer
+        write_run_report(recipe, result, eval_examples, accelerator.device, show_progress, log)
+    return result
+
+
+def write_run_report(recipe: Recipe, result: TrainResult, eval_examples, device, show_progress: bool, log) -> None:
+    """Evaluate teacher and student on the held-out examples and write report.json/.md/.html.
+
+    The held-out examples are saved as `eval-data.jsonl` (token ids + loss masks) so `distill eval` can
+    reproduce the report, or add other students to it, on exactly the same tokens.
+    """
+    from distill.evaluate import evaluate_models
+
+    eval_file = result.output_dir / "eval-data.jsonl"
+    rows = "".join(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) + "\n" for e in eval_examples)
+    atomic.write_text(eval_file, rows)
+    r = recipe.report
+    models = {"student": str(result.student_dir)}
+    if r.baseline is not None:
+        models["baseline"] = r.baseline
+    evaluate_models(
+        recipe.teacher.path,
+        models,
+        str(eval_file),
+        str(result.output_dir),
+        max_length=recipe.data.max_length,
+        batch_size=max(1, recipe.training.batch_size // recipe.training.grad_accum),
+        max_rows=r.max_rows,
+        generation=r.generation,
+        speed=r.speed,
+        device=str(device),
+        dtype=recipe.teacher.dtype,
+        show_progress=show_progress,
+        log=log,
+    )
 
 
 def _check_fused_heads(models: Models, ids: list[int], device: torch.device) -> None:
