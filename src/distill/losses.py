@@ -34,7 +34,7 @@ IGNORE_INDEX = -100
 
 # exp(-1e6) is exactly zero in every float format, so the floor changes no probability; it only keeps
 # differences of log-probabilities finite where both sides are -inf.
-_LOG_PROB_FLOOR = -1.0e6
+LOG_PROB_FLOOR = -1.0e6
 
 
 def check_objective(divergence: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0) -> None:
@@ -51,8 +51,8 @@ def check_objective(divergence: str, beta: float = 0.5, skew: float = 0.1, tempe
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Floored float32 log-softmax of `logits / temperature` over the last dimension. (..., V) -> (..., V)."""
-    scaled = logits.float() / temperature
-    return F.log_softmax(scaled, dim=-1).clamp_min(_LOG_PROB_FLOOR)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # no (N, V) copy at τ = 1
+    return F.log_softmax(scaled, dim=-1).clamp_min(LOG_PROB_FLOOR)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Sparse (top-k + rest) teacher targets: hand-computed values, dense cross-checks, invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.losses import DIVERGENCES, loss_sums
+from distill.sparse import SparseTargets, sparse_loss_sums, sparse_token_divergence, top_k_targets
+
+OBJECTIVES = [
+    ("forward_kl", 0.5, 0.1),
+    ("reverse_kl", 0.5, 0.1),
+    ("jsd", 0.0, 0.1),
+    ("jsd", 0.5, 0.1),
+    ("jsd", 1.0, 0.1),
+    ("skew_forward_kl", 0.5, 0.1),
+    ("skew_reverse_kl", 0.5, 0.1),
+    ("tvd", 0.5, 0.1),
+]
+# With a teacher that puts zero mass outside its k ids, these stay finite and coarse-graining is exact.
+FINITE_ON_ZERO_TAIL = [o for o in OBJECTIVES if o[0] != "reverse_kl" and o[:2] != ("jsd", 1.0)]
+
+
+def _logits(n: int, v: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=generator) * scale
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def test_hand_computed_forward_kl_and_temperature_tail():
+    # Teacher p = [0.5, 0.2, 0.2, 0.1] stored as top-1: id 0 with 0.5, rest 0.5. Student uniform over 4 tokens.
+    targets = SparseTargets(torch.tensor([[0]]), torch.tensor([[math.log(0.5)]]), torch.tensor([math.log(0.5)]))
+    student = torch.zeros(1, 4)
+    kd = sparse_token_divergence(student, targets, "forward_kl")
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kd.shape == (1,)
+    assert kd.item() == pytest.approx(expected, rel=1e-6)
+
+    # τ = 2: id bucket log(0.5)/2; tail = log 3 + (log 0.5 − log 3)/2 (uniform over the 3 others); renormalized.
+    # The uniform student is the same at any temperature: buckets [1/4, 3/4].
+    tau = 2.0
+    a, b = math.log(0.5) / tau, math.log(3) + (math.log(0.5) - math.log(3)) / tau
+    z = math.log(math.exp(a) + math.exp(b))
+    pt = [math.exp(a - z), math.exp(b - z)]
+    expected_tau = tau * tau * (pt[0] * math.log(pt[0] / 0.25) + pt[1] * math.log(pt[1] / 0.75))
+    kd_tau = sparse_token_divergence(student, targets, "forward_kl", temperature=tau)
+    assert kd_tau.item() == pytest.approx(expected_tau, rel=1e-6)
+
+
+@pytest.mark.parametrize(("divergence", "beta", "skew"), OBJECTIVES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_k_equals_v_minus_1_matches_dense(divergence, beta, skew, temperature):
+    # One token left in the tail: the coarse distribution is the full one at any temperature.
+    n, v = 9, 12
+    student, teacher = _logits(n, v, 0).requires_grad_(True), _logits(n, v, 1)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(2))
+    labels[3] = -100
+    targets = top_k_targets(teacher, v - 1)
+    kd, ce = sparse_loss_sums(student, targets, labels, divergence, beta, skew, temperature)
+    ref_kd, ref_ce = loss_sums(student, teacher, labels, divergence, beta, skew, temperature)
+    assert kd.item() == pytest.approx(ref_kd.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-6)
+    grad = torch.autograd.grad(kd, student)[0]
+    ref_grad = torch.autograd.grad(ref_kd, student)[0]
+    assert _rel(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize(("divergence", "beta", "skew"), FINITE_ON_ZERO_TAIL)
+def test_teacher_with_exactly_k_tokens_matches_dense(divergence, beta, skew):
+    n, v, k = 7, 20, 5
+    teacher = _logits(n, v, 3)
+    keep = torch.randperm(v, generator=torch.Generator().manual_seed(4))[:k]
+    outside = torch.ones(v, dtype=torch.bool)
+    outside[keep] = False
+    teacher[:, outside] = float("-inf")  # (n, v) the teacher has exactly k tokens with mass
+    student = _logits(n, v, 5).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(6))
+    targets = top_k_targets(teacher, k)
+    assert torch.isneginf(targets.log_rest).all()
+    kd, _ = sparse_loss_sums(student, targets, labels, divergence, beta, skew)
+    ref_kd, _ = loss_sums(student, teacher, labels, divergence, beta, skew)
+    assert kd.item() == pytest.approx(ref_kd.item(), rel=1e-5)
+    assert _rel(torch.autograd.grad(kd, student)[0], torch.autograd.grad(ref_kd, student)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_zero_when_student_is_teacher(divergence):
+    logits = _logits(6, 30, 7)
+    kd = sparse_token_divergence(logits, top_k_targets(logits, 4), divergence)
+    assert kd.abs().max().item() < 1e-5
+
+
+def test_coarse_graining_lowers_forward_kl():
+    student, teacher = _logits(16, 40, 8), _logits(16, 40, 9)
+    dense = loss_sums(student, teacher, torch.zeros(16, dtype=torch.long))[0]
+    for k in (1, 4, 16):
+        sparse = sparse_token_divergence(student, top_k_targets(teacher, k)).sum()
+        assert 0.0 < sparse.item() <= dense.item()
+
+
+@pytest.mark.parametrize(("divergence", "beta", "skew"), OBJECTIVES)
+def test_slot_order_padding_and_duplicates_do_not_matter(divergence, beta, skew):
+    student, teacher = _logits(5, 25, 10), _logits(5, 25, 11)
+    base = top_k_targets(teacher, 4)
+    ref = sparse_token_divergence(student, base, divergence, beta, skew, temperature=1.5)
+
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = SparseTargets(base.ids[:, perm], base.log_probs[:, perm], base.log_rest)
+    # Two unused slots: one marked by id -1, one by a -inf log-probability (its id may be anything, even a used one).
+    pad_ids = torch.cat([base.ids, torch.full((5, 1), -1), base.ids[:, :1]], dim=1)  # (5, 6)
+    pad_lp = torch.cat([base.log_probs, torch.zeros(5, 1), torch.full((5, 1), float("-inf"))], dim=1)  # (5, 6)
+    padded = SparseTargets(pad_ids, pad_lp, base.log_rest)
+    # The first id split into two slots of half its probability each.
+    half = base.log_probs[:, :1] - math.log(2.0)  # (5, 1)
+    split = SparseTargets(
+        torch.cat([base.ids, base.ids[:, :1]], dim=1),
+        torch.cat([half, base.log_probs[:, 1:], half], dim=1),
+        base.log_rest,
+    )
+    for variant in (permuted, padded, split):
+        got = sparse_token_divergence(student, variant, divergence, beta, skew, temperature=1.5)
+        assert got.shape == (5,)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_student_vocabulary_is_ignored():
+    student, teacher = _logits(4, 18, 12), _logits(4, 18, 13)
+    targets = top_k_targets(teacher, 3)
+    labels = torch.tensor([0, 5, -100, 17])
+    padded = torch.cat([student, torch.full((4, 6), 50.0)], dim=1)  # (4, 24) junk columns with huge logits
+    assert torch.allclose(
+        torch.stack(sparse_loss_sums(padded, targets, labels, vocab_size=18)),
+        torch.stack(sparse_loss_sums(student, targets, labels)),
+    )
+
+
+def test_top_k_targets_drops_padding_and_keeps_rest_mass():
+    teacher = _logits(3, 10, 14)
+    padded = torch.cat([teacher, torch.full((3, 2), 100.0)], dim=1)  # (3, 12) the padding would win top-k
+    targets = top_k_targets(padded, 4, vocab_size=10)
+    assert targets.ids.shape == (3, 4) and targets.log_probs.shape == (3, 4) and targets.log_rest.shape == (3,)
+    assert int(targets.ids.max()) < 10
+    total = targets.log_probs.exp().sum(-1) + targets.log_rest.exp()
+    assert torch.allclose(total, torch.ones(3), atol=1e-6)
+
+
+def test_uninformative_rows_stay_finite_and_masked_rows_count_nothing():
+    student = _logits(3, 8, 15).requires_grad_(True)
+    targets = SparseTargets(
+        torch.tensor([[1, 2], [-1, -1], [3, -1]]),
+        torch.tensor([[math.log(0.6), math.log(0.3)], [0.0, 0.0], [0.0, float("-inf")]]),
+        torch.tensor([math.log(0.1), float("-inf"), float("-inf")]),
+    )
+    labels = torch.tensor([4, -100, 3])
+    for divergence in DIVERGENCES:
+        kd, _ = sparse_loss_sums(student, targets, labels, divergence)
+        (grad,) = torch.autograd.grad(kd, student)
+        assert torch.isfinite(kd) and torch.isfinite(grad).all()
+        assert grad[1].abs().max().item() == 0.0  # the masked row gets no gradient
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="sparse targets need"):
+        SparseTargets(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 3), torch.zeros(3))
