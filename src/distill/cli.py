@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    cache = commands.add_parser(
+        "cache", help="run the teacher once and store its signals (`distill cache verify DIR` checks a cache)"
+    )
+    cache.add_argument("recipe", help="recipe YAML file, or `verify` followed by a cache folder")
+    cache.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (or the cache folder)")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+
     config = commands.add_parser("config", help="inspect recipes")
     config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     show = config_commands.add_parser("show", help="print the resolved recipe with every default filled in")
@@ -81,6 +88,21 @@ def _command_train(args) -> int:
     from distill.api import run_recipe
 
     run_recipe(args.recipe, args.overrides, resume=args.resume, show_progress=not args.quiet)
+    return 0
+
+
+def _command_cache(args) -> int:
+    from distill.cache import build_cache, verify_cache
+
+    if args.recipe == "verify":
+        if len(args.overrides) != 1:
+            raise DistillError("distill cache verify: give exactly one cache folder")
+        verify_cache(args.overrides[0])
+        print(f"{args.overrides[0]}: every shard matches its checksum")
+        return 0
+    from distill.config import load_recipe
+
+    build_cache(load_recipe(args.recipe, args.overrides), show_progress=not args.quiet)
     return 0
 
 
@@ -175,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             return _command_train(args)
         if args.command == "config":
             return _command_config(args)
+        if args.command == "cache":
+            return _command_cache(args)
         if args.command == "student":
             return _command_student(args)
         if args.command == "eval":

@@ -159,6 +159,18 @@ class TrainingConfig(Section):
 class CacheConfig(Section):
     dir: str = Field("./cache", description="Folder of the offline teacher signals.")
     top_k: int = Field(32, gt=0, description="Teacher log-probs stored per token.")
+    representation: Literal["top_k", "sampled", "both"] = Field(
+        "top_k", description="What `distill cache` stores: top-k + tail mass, m sampled tokens, or both."
+    )
+    sample_m: int = Field(16, gt=0, le=255, description="Tokens drawn from the teacher per position (sampled).")
+    precision: Literal["float32", "float16", "int8"] = Field(
+        "float16", description="Storage of log-probs; int8 = 8-bit codes over each token's own range."
+    )
+    shard_tokens: int = Field(1 << 20, gt=0, description="Loss tokens per shard (shards end at example boundaries).")
+    batch_size: int = Field(8, gt=0, description="Sequences per teacher forward pass while building.")
+    train_on: Literal["auto", "top_k", "sampled"] = Field(
+        "auto", description="Representation training reads; auto = top_k when stored, else sampled."
+    )
 
 
 class ReportConfig(Section):
@@ -189,8 +201,6 @@ class Recipe(Section):
 
     def check_runnable(self) -> None:
         """Cross-section checks for training, before any model is loaded."""
-        if self.teacher.cache is not None:
-            raise DistillError("recipe key teacher.cache: training from a teacher cache is not available yet")
         if self.objective.on_policy.lambda_ > 0:
             raise DistillError("recipe key objective.on_policy.lambda: on-policy distillation is not available yet")
         if self.data.train is None:

@@ -88,7 +88,10 @@ def evaluate_batches(
         if teacher is not None:
             teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab_size]
         total.add(token_sums(logits, labels, teacher_logits))
-    return total.means()
+    means = total.means()
+    if teacher is None:  # nothing to compare with: leave the teacher metrics out rather than report zeros
+        del means["kl_to_teacher"], means["agreement"]
+    return means
 
 
 # ---------------------------------------------------------------- per-token metrics (the report's evaluation)

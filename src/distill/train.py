@@ -163,10 +163,26 @@ def step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, no
     """
     o = recipe.objective
     if o.fused:
-        return fused_step_loss(models, batch, recipe, normalizer)
+        return fused_step_loss(models, batch, recipe, normalizer, teacher_signal)
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     student_logits = models.student(input_ids=input_ids, attention_mask=attention_mask).logits
     student_logits = student_logits[:, :-1, : models.vocab_size]  # (B, T-1, V): output i predicts token i+1
+    if teacher_signal is not None and o.kd_weight > 0:
+        from distill.sparse import sparse_loss_sums
+
+        # Stored targets, one row per position of the (B, T-1) label grid.
+        targets = teacher_signal.targets(batch["example_index"], labels.shape[1], labels.device)
+        kd_sum, ce_sum = sparse_loss_sums(
+            student_logits.reshape(-1, student_logits.shape[-1]),  # (B·(T-1), V)
+            targets,
+            labels.reshape(-1),  # (B·(T-1),)
+            o.divergence,
+            o.beta,
+            o.skew,
+            o.temperature,
+        )
+        loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
+        return loss, kd_sum.detach(), ce_sum.detach()
     teacher_logits = None
     if models.teacher is not None and o.kd_weight > 0:
         with torch.no_grad():
@@ -177,7 +193,9 @@ def step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, no
     return loss, kd_sum.detach(), ce_sum.detach()
 
 
-def fused_step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float):
+def fused_step_loss(
+    models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float, teacher_signal=None
+):
     """The same sums as the plain path, from the backbones' hidden states: no full logits exist anywhere."""
     from distill.fused import fused_loss_sums
     from distill.heads import backbone_hidden_states, output_head
@@ -185,8 +203,10 @@ def fused_step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Reci
     o = recipe.objective
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = backbone_hidden_states(models.student, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
-    teacher_hidden = teacher_head = None
-    if models.teacher is not None and o.kd_weight > 0:
+    teacher_hidden = teacher_head = sparse = None
+    if teacher_signal is not None and o.kd_weight > 0:
+        sparse = teacher_signal.targets(batch["example_index"], labels.shape[1], labels.device)  # B·(T-1) rows
+    elif models.teacher is not None and o.kd_weight > 0:
         with torch.no_grad():
             teacher_hidden = backbone_hidden_states(models.teacher, input_ids, attention_mask)[:, :-1]  # (B, T-1, Ht)
         teacher_head = output_head(models.teacher)
@@ -196,6 +216,7 @@ def fused_step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Reci
         labels,
         teacher_hidden=teacher_hidden,
         teacher_head=teacher_head,
+        sparse=sparse,
         vocab_size=models.vocab_size,
         divergence=o.divergence,
         beta=o.beta,
@@ -258,13 +279,14 @@ def _student_init(recipe: Recipe, out: Path, log) -> Path | None:
     return folder
 
 
-def _teacher_signal(recipe: Recipe, models: Models):
-    """Where the teacher's distributions come from: None (online teacher or no teacher) or a cache reader."""
+def _teacher_signal(recipe: Recipe, models: Models, train_examples):
+    """Where the teacher's distributions come from: None (online teacher or no teacher) or a cache reader,
+    checked against this tokenizer and this list of training examples."""
     if recipe.teacher.cache is None or not recipe.needs_teacher:
         return None
     from distill.cache import open_cache_for_training
 
-    return open_cache_for_training(recipe, models.tokenizer)
+    return open_cache_for_training(recipe, models.tokenizer, train_examples, models.vocab_size)
 
 
 def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print, show_progress: bool = True):
@@ -278,7 +300,7 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     models = load_models(recipe, accelerator.device, student_init, log)
     tokenizer, pad_id = models.tokenizer, pad_id_of(models.tokenizer)
     train_examples, eval_examples = load_data(recipe, tokenizer, log)
-    teacher_signal = _teacher_signal(recipe, models)
+    teacher_signal = _teacher_signal(recipe, models, train_examples)
     if recipe.objective.fused:
         _check_fused_heads(models, train_examples[0].input_ids[:16], accelerator.device)
 
@@ -346,6 +368,8 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
             batches = [
                 collate([train_examples[i] for i in mine[j : j + micro]], pad_id) for j in range(0, per_rank, micro)
             ]
+            for j, b in enumerate(batches):
+                b["example_index"] = torch.tensor(mine[j * micro : (j + 1) * micro])  # (B,) for a teacher cache
             local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
             global_tokens = local_tokens
             if world > 1:
@@ -354,7 +378,8 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
             normalizer = max(global_tokens, 1) / world
             step_sums = torch.zeros(2, device=device)
             for j, batch in enumerate(batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                # Example indices stay on the host: the cache reader needs them there, and copying back would sync.
+                batch = {k: v if k == "example_index" else v.to(device) for k, v in batch.items()}
                 sync = j == len(batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(student), accelerator.autocast():
                     loss, kd_sum, ce_sum = step_loss(models, batch, recipe, normalizer, teacher_signal)
