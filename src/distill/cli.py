@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distill", description="Distill a teacher language model into a smaller student.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    demo = commands.add_parser(
+        "demo", help="distill the shipped teacher into a student and a hard-label baseline (offline, ~3 min)"
+    )
+    demo.add_argument("--steps", type=int, help="training steps of the student and of the baseline (default 80)")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+
     train = commands.add_parser("train", help="train a student as the recipe says")
     _add_recipe_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -193,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = _parse(argv)
+        if args.command == "demo":
+            from distill.demo.run import run_demo
+
+            run_demo(args.out, steps=args.steps)
+            return 0
         if args.command in ("train", "run"):
             return _command_train(args)
         if args.command == "config":

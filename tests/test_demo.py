@@ -1,0 +1,101 @@
+"""`distill demo`: the stdlib corpus, the shipped teacher, and a few-step demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill.demo import corpus
+from distill.demo.run import TEACHER_DIR, run_demo
+
+CONTRACT_KEYS = {
+    "params",
+    "cross_entropy",
+    "perplexity",
+    "bits_per_byte",
+    "top1_accuracy",
+    "agreement",
+    "kl_to_teacher",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+}
+
+
+def test_corpus_is_deterministic_and_held_out_modules_are_never_trained_on():
+    train, held_out = corpus.list_files()
+    assert (train, held_out) == corpus.list_files()
+    assert train == sorted(train) and held_out == sorted(held_out)
+    assert not set(train) & set(held_out)
+    for entry in corpus.HELD_OUT:  # every held-out module exists in Python 3.10 to 3.13
+        assert any(f.startswith(entry) for f in held_out) if entry.endswith("/") else entry in held_out, entry
+    assert not any("/test/" in f"/{f}" or "/tests/" in f"/{f}" for f in train)
+    assert len(train) > 300
+
+
+def test_completion_rows_predict_a_held_out_line_from_the_lines_before_it():
+    _, held_out = corpus.list_files()
+    rows = corpus.completion_rows(held_out[:3])
+    assert rows and rows == corpus.completion_rows(held_out[:3])
+    sources = [corpus.read_source(f) for f in held_out[:3]]
+    for row in rows:
+        # The prompt stops where the previous line ends: the newline and indentation are the model's to predict.
+        source = next(s for s in sources if row["prompt"] + "\n" in s)
+        following = source.split(row["prompt"] + "\n", 1)[1]
+        assert following.splitlines()[0].strip() == row["answer"] and len(row["answer"]) >= 8
+
+
+def test_shipped_teacher_loads_offline_with_its_own_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    model = AutoModelForCausalLM.from_pretrained(TEACHER_DIR)
+    assert len(tokenizer) == model.config.vocab_size
+    assert model.config.model_type == "llama"
+    assert 5e6 <= sum(p.numel() for p in model.parameters()) <= 10e6
+    weights = sum(f.stat().st_size for f in TEACHER_DIR.glob("*.safetensors"))
+    assert weights <= 25e6
+    text = "def add(a, b):\n    return a + b\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: lossless
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report_and_the_student_moves_toward_the_teacher(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(out, quick=True, log=lambda _: None, show_table=False)
+
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").exists() and (out / "report.html").exists()
+    assert json.loads((out / "demo.json").read_text()) == json.loads(json.dumps(result))
+    models = report["models"]
+    for name in ("teacher", "student", "baseline", "pruned"):
+        assert set(models[name]) >= CONTRACT_KEYS, name
+        assert 0 <= models[name]["exact_match"] <= 1
+    for name in ("student", "baseline"):
+        assert {"top1_accuracy", "cross_entropy", "agreement"} <= set(report["retention"][name])
+        assert {"decode", "params"} <= set(report["speedup"][name])
+    assert report["speedup"]["student"]["params"] >= 4
+    assert set(result["targets"]) == {
+        "params_ratio",
+        "decode_speedup",
+        "top1_accuracy_retention",
+        "cross_entropy_vs_baseline",
+        "agreement_vs_baseline",
+    }
+
+    # A few steps of distillation already move the pruned student toward the teacher, and the baseline learns too.
+    pruned, student, baseline = models["pruned"], models["student"], models["baseline"]
+    assert student["kl_to_teacher"] < pruned["kl_to_teacher"]
+    assert student["cross_entropy"] < pruned["cross_entropy"]
+    assert baseline["cross_entropy"] < pruned["cross_entropy"]
+    assert (out / "student-init" / "pruning.json").exists()
+    assert (out / "distilled" / "student" / "config.json").exists()
+
+
+def test_demo_refuses_a_folder_that_is_not_a_previous_demo(tmp_path):
+    from distill.errors import DistillError
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(DistillError, match="not empty"):
+        run_demo(tmp_path, quick=True, log=lambda _: None, show_table=False)
+    assert (tmp_path / "mine.txt").exists()
