@@ -24,14 +24,16 @@ from distill.errors import DistillError
 
 TEACHER_DIR = Path(__file__).resolve().parent / "teacher"
 
-# The student: half the width (hidden, heads; MLP 704 -> 384) and 2 of the teacher's 6 layers. The shared embedding
+# The student: half the width (hidden, heads; MLP 704 -> 256) and 3 of the teacher's 6 layers. The shared embedding
 # matrix (8192 x hidden) is most of a model this small, so the width has to shrink to reach 4x fewer parameters.
-STUDENT_SHAPE = {"layers": 2, "hidden_size": 128, "intermediate_size": 384, "heads": 2}
+# Measured at 80 steps: 2 layers with MLP 384 kept 80% of the teacher's accuracy, 3 layers with MLP 256 kept 85%
+# (lr 2e-3) and 88% (lr 3e-3); 4 layers with MLP 128 kept 89% but decoded only 2.0x faster than the teacher.
+STUDENT_SHAPE = {"layers": 3, "hidden_size": 128, "intermediate_size": 256, "heads": 2}
 
 DEFAULT_STEPS = 80
 MAX_LENGTH = 128  # training sequence length
 BATCH_SIZE = 8
-LR = 2.0e-3
+LR = 3.0e-3
 EVAL_MAX_LENGTH = 192
 EVAL_ROWS = 32  # held-out blocks of code, spread over every held-out module
 COMPLETION_ROWS = 32  # line-completion samples, spread the same way
