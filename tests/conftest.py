@@ -22,6 +22,21 @@ CORPUS = [
     "hello world, hello student, hello teacher",
 ]
 
+# report.json's per-model keys promised by the interface contract (../shared/DESIGN.md).
+REPORT_MODEL_KEYS = frozenset(
+    {
+        "params",
+        "cross_entropy",
+        "perplexity",
+        "bits_per_byte",
+        "top1_accuracy",
+        "agreement",
+        "kl_to_teacher",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    }
+)
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
     "{% if add_generation_prompt %}<|bos|>assistant: {% endif %}"

@@ -6,20 +6,11 @@ import json
 
 import pytest
 
+from conftest import REPORT_MODEL_KEYS
 from distill.demo import corpus
 from distill.demo.run import TEACHER_DIR, run_demo
 
-CONTRACT_KEYS = {
-    "params",
-    "cross_entropy",
-    "perplexity",
-    "bits_per_byte",
-    "top1_accuracy",
-    "agreement",
-    "kl_to_teacher",
-    "prefill_tokens_per_s",
-    "decode_tokens_per_s",
-}
+CONTRACT_KEYS = REPORT_MODEL_KEYS
 
 
 def test_corpus_is_deterministic_and_held_out_modules_are_never_trained_on():

@@ -12,22 +12,12 @@ import subprocess
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import REPORT_MODEL_KEYS, write_jsonl
 from distill.evaluate import evaluate_models
 from distill.report import write_report
 from distill.speed import SpeedSettings
 
-CONTRACT_MODEL_KEYS = {
-    "params",
-    "cross_entropy",
-    "perplexity",
-    "bits_per_byte",
-    "top1_accuracy",
-    "agreement",
-    "kl_to_teacher",
-    "prefill_tokens_per_s",
-    "decode_tokens_per_s",
-}
+CONTRACT_MODEL_KEYS = REPORT_MODEL_KEYS
 CONTRACT_RETENTION_KEYS = {"top1_accuracy", "cross_entropy", "agreement"}
 CONTRACT_SPEEDUP_KEYS = {"decode", "params"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

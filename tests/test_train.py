@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import REPORT_MODEL_KEYS
 from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import build_examples, iter_batches
@@ -80,6 +81,7 @@ def test_cli_trains_writes_outputs_and_moves_student_toward_teacher(
 
     report = json.loads((out / "report.json").read_text())
     assert {"teacher", "student"} <= set(report["models"])
+    assert all(set(report["models"][name]) >= REPORT_MODEL_KEYS for name in ("teacher", "student"))
     assert {"top1_accuracy", "cross_entropy", "agreement"} <= set(report["retention"]["student"])
     assert {"decode", "params"} <= set(report["speedup"]["student"])
     assert (out / "report.html").exists() and (out / "report.md").exists()

@@ -23,13 +23,14 @@ from distill.models import (
     DTYPES,
     check_vocabulary,
     compare_tokenizers,
+    count_parameters,
     embedding_rows,
     has_tokenizer,
     load_model,
     load_tokenizer,
     resolve_dtype,
 )
-from distill.speed import SpeedSettings, count_parameters, measure_speed, model_device, size_on_disk
+from distill.speed import SpeedSettings, measure_speed, model_device, size_on_disk
 
 
 @dataclass

@@ -51,11 +51,6 @@ class SpeedSettings:
         return cls(runs=1, warmup=1, prompt_tokens=32, new_tokens=8, batch_size=4)
 
 
-def count_parameters(model) -> int:
-    # Tied weights appear once in .parameters(), which is the count users expect.
-    return sum(p.numel() for p in model.parameters())
-
-
 def weight_bytes(model) -> int:
     """Bytes of parameters and buffers as they sit in memory now (in the model's current dtype)."""
     tensors = list(model.parameters()) + list(model.buffers())
