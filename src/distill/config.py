@@ -33,6 +33,13 @@ class TeacherConfig(Section):
     dtype: Dtype = Field("auto", description="Teacher weights' dtype; auto = bfloat16 on a GPU, float32 on CPU.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher.")
     trust_remote_code: bool = Field(False, description="Allow the teacher's own Python code from its folder/hub.")
+    endpoint: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible server (vLLM, SGLang, ...) for `distill generate`."
+    )
+    model_name: str | None = Field(None, description="Model name at the endpoint; default: the server's first model.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the endpoint's API key (never written anywhere)."
+    )
 
 
 class FromTeacherConfig(Section):
@@ -148,6 +155,12 @@ class TrainingConfig(Section):
     eval_every: int = Field(100, gt=0, description="Steps between evaluations.")
     eval_batches: int | None = Field(None, gt=0, description="Limit periodic evaluation to this many batches.")
     log_every: int = Field(10, gt=0, description="Steps between metrics.jsonl lines (and host syncs).")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Under accelerate launch / torchrun: ddp replicates the student; fsdp (FSDP2) shards it; "
+        "auto = ddp when several processes run.",
+    )
+    shard_teacher: bool = Field(True, description="fsdp only: shard the teacher too (forward only, no optimizer).")
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainingConfig:
@@ -173,6 +186,23 @@ class CacheConfig(Section):
     )
 
 
+class GenerateConfig(Section):
+    prompts: str | None = Field(None, description="Rows with `prompt` or `messages`; default: data.train.")
+    output: str | None = Field(None, description="Completions JSONL; default: output.dir/generated.jsonl.")
+    samples_per_prompt: int = Field(1, gt=0, description="Completions drawn per prompt.")
+    max_new_tokens: int = Field(256, gt=0, description="Length limit of each completion.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 = no limit.")
+    logprobs: int = Field(0, ge=0, le=20, description="Teacher top-k log-probs stored per completion token; 0 = none.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion.")
+    batch_size: int = Field(8, gt=0, description="Prompts per batch of a local teacher.")
+    concurrency: int = Field(8, gt=0, description="Requests in flight at once to an endpoint.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds before a request to an endpoint is retried.")
+    max_retries: int = Field(5, ge=0, description="Retries of a request after 429, 5xx or a timeout.")
+    dedupe: bool = Field(True, description="Drop completions identical to an earlier one for the same prompt.")
+
+
 class ReportConfig(Section):
     enabled: bool = Field(True, description="Evaluate teacher and student and write report.json/.md/.html at the end.")
     speed: bool = Field(True, description="Measure prefill and decode tokens/s in the report.")
@@ -192,6 +222,9 @@ class Recipe(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="What the student optimizes.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimization and bookkeeping.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Offline teacher signals.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Teacher completions (`distill generate`)."
+    )
     report: ReportConfig = Field(default_factory=ReportConfig, description="The retention report after training.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 
