@@ -196,9 +196,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     real = train_module.step_loss
     calls = {"n": 0}
 
-    def poisoned(models, batch, recipe, normalizer, signal):
+    def poisoned(*args):
         calls["n"] += 1
-        loss, kd, ce = real(models, batch, recipe, normalizer, signal)
+        loss, kd, ce = real(*args)
         return (loss * float("nan"), kd * float("nan"), ce) if calls["n"] == 3 else (loss, kd, ce)
 
     monkeypatch.setattr(train_module, "step_loss", poisoned)
@@ -291,4 +291,4 @@ def test_fused_and_plain_training_give_the_same_update(
         updates.append({k: weights[k] - start[k] for k in start})
     plain, fused = updates
     for name in plain:
-        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6)

@@ -1,7 +1,9 @@
 """Resumable training state, written atomically and without pickle.
 
 A checkpoint `checkpoints/step-N/` holds everything that makes step N+1 of a resumed run identical to step N+1
-of an uninterrupted one: model weights, AdamW moments, random-number-generator states and the counters. The
+of an uninterrupted one: model weights, AdamW moments, random-number-generator states (one per rank) and the
+counters. Weights and moments are whole tensors keyed by parameter name, whatever the number of processes and
+however they were sharded, so a run can resume under another launch. The
 learning-rate schedule and the data order are pure functions of the step, so the step number restores them.
 Tensors go to safetensors, everything else to JSON; the folder is built under a temporary name and renamed
 into place, so a kill at any moment leaves either the old set of checkpoints or the new one.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from distill.atomic import fresh_tmp_folder, replace_folder
 
@@ -36,34 +38,47 @@ class RunState:
     last_eval: dict = field(default_factory=dict)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a name-keyed optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
-    for index, param_state in state["state"].items():
-        for name, value in param_state.items():
+    for name, param_state in optimizer_state["state"].items():
+        for key, value in param_state.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}/{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars.setdefault(name, {})[key] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        name, field_name = key.rsplit("/", 1)
+        state.setdefault(name, {})[field_name] = value
+    for name, values in meta["scalars"].items():
+        state.setdefault(name, {}).update(values)
     groups = meta["param_groups"]
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def _without_shared_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): give the repeats their own copy."""
+    seen: set[int] = set()
+    out = {}
+    for name, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        pointer = value.untyped_storage().data_ptr()
+        out[name] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    return out
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's random-number-generator states: (tensors, JSON-able rest)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -77,7 +92,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
@@ -88,17 +103,30 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> Path:
-    """Write checkpoints/step-N atomically and return its path."""
+@dataclass
+class Checkpoint:
+    """What a checkpoint folder holds, as loaded: whole state dicts keyed by parameter name, one RNG state per rank."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    rng: list[tuple[dict[str, torch.Tensor], dict]]
+    state: RunState
+
+
+def save_checkpoint(folder: Path, model_state: dict, optimizer_state: dict, rng_states: list, state: RunState) -> Path:
+    """Write checkpoints/step-N atomically and return its path.
+
+    `model_state` and `optimizer_state` are whole, name-keyed state dicts (`distill.parallel.full_state_dicts`),
+    `rng_states` one `rng_state()` per rank.
+    """
     final = Path(folder) / f"step-{state.step}"
     tmp = fresh_tmp_folder(final)
-    # save_model (not save_file) because tied embeddings share storage, which save_file refuses.
-    save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(_without_shared_storage(model_state), str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
+    rng_tensors = {f"{rank}.{name}": t for rank, (tensors, _) in enumerate(rng_states) for name, t in tensors.items()}
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    meta = {"state": asdict(state), "optimizer": opt_meta, "rng": rng_meta}
+    meta = {"state": asdict(state), "optimizer": opt_meta, "rng": [meta for _, meta in rng_states]}
     (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     replace_folder(tmp, final)
     return final
@@ -118,12 +146,21 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
-    """Restore model, optimizer and RNG states in place; return the counters."""
+def load_checkpoint(path: Path, tensors: bool = True) -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint`; tensors=False leaves model and optimizer empty
+    (ranks other than 0 of a multi-process run: rank 0 broadcasts them)."""
     path = Path(path)
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    del missing, unexpected  # strict=True already raised on either
-    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
-    return RunState(**meta["state"])
+    rng_tensors = load_file(str(path / "rng.safetensors"))
+    rng = []
+    for rank, rng_meta in enumerate(meta["rng"]):
+        prefix = f"{rank}."
+        rng.append(({k[len(prefix) :]: v for k, v in rng_tensors.items() if k.startswith(prefix)}, rng_meta))
+    return Checkpoint(
+        model=load_file(str(path / "model.safetensors")) if tensors else {},
+        optimizer=_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+        if tensors
+        else {},
+        rng=rng,
+        state=RunState(**meta["state"]),
+    )

@@ -100,7 +100,13 @@ class OnPolicyConfig(Section):
         0.0, alias="lambda", ge=0, le=1, description="Share of batches sampled by the student (0 = off-policy)."
     )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's completions.")
-    max_new_tokens: int = Field(64, gt=0, description="Length limit of the student's completions.")
+    max_new_tokens: int = Field(
+        64, gt=0, description="Length limit of the student's completions (prompt + completion stay within max_length)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold of the student's completions.")
+    prefix_tokens: int = Field(
+        16, ge=0, description="Rows without a prompt (text) are prompted with this many first tokens; 0 = refuse them."
+    )
 
 
 class ObjectiveConfig(Section):
@@ -176,8 +182,12 @@ class CacheConfig(Section):
         "top_k", description="What `distill cache` stores: top-k + tail mass, m sampled tokens, or both."
     )
     sample_m: int = Field(16, gt=0, le=255, description="Tokens drawn from the teacher per position (sampled).")
-    precision: Literal["float32", "float16", "int8"] = Field(
-        "float16", description="Storage of log-probs; int8 = 8-bit codes over each token's own range."
+    precision: Literal["float32", "float16", "int8", "int4"] = Field(
+        "float16", description="Storage of log-probs; int8/int4 = 8/4-bit codes over each token's own range."
+    )
+    pack_ids: bool = Field(False, description="Store ids in ceil(log2 V) bits each instead of 16/32.")
+    tail: Literal["bucket", "uniform"] = Field(
+        "bucket", description="Top-k training: the rest mass as one extra class, or spread evenly over the others."
     )
     shard_tokens: int = Field(1 << 20, gt=0, description="Loss tokens per shard (shards end at example boundaries).")
     batch_size: int = Field(8, gt=0, description="Sequences per teacher forward pass while building.")
@@ -200,6 +210,9 @@ class GenerateConfig(Section):
     concurrency: int = Field(8, gt=0, description="Requests in flight at once to an endpoint.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds before a request to an endpoint is retried.")
     max_retries: int = Field(5, ge=0, description="Retries of a request after 429, 5xx or a timeout.")
+    backoff_s: float = Field(
+        1.0, gt=0, description="Wait before the first retry; doubles per retry (with jitter) unless Retry-After says."
+    )
     dedupe: bool = Field(True, description="Drop completions identical to an earlier one for the same prompt.")
 
 
@@ -235,7 +248,7 @@ class Recipe(Section):
     def check_runnable(self) -> None:
         """Cross-section checks for training, before any model is loaded."""
         if self.objective.on_policy.lambda_ > 0:
-            raise DistillError("recipe key objective.on_policy.lambda: on-policy distillation is not available yet")
+            self._check_on_policy()
         if self.data.train is None:
             raise DistillError("recipe key data.train: no training data given")
         if self.needs_teacher and self.teacher.path is None and self.teacher.cache is None:
@@ -249,6 +262,23 @@ class Recipe(Section):
             raise DistillError("recipe key student.from_teacher: needs teacher.path to prune from")
         if self.teacher.path is None and self.student.tokenizer is None and self.student.path is None:
             raise DistillError("recipe key student.tokenizer: a new student without a teacher needs a tokenizer")
+
+    def _check_on_policy(self) -> None:
+        o = self.objective
+        if o.kd_weight == 0:
+            raise DistillError(
+                "recipe key objective.on_policy.lambda: on-policy steps need the teacher's signal (kd_weight > 0)"
+            )
+        if self.teacher.cache is not None:
+            raise DistillError(
+                "recipe key objective.on_policy.lambda: a teacher.cache only holds signals for the fixed data; "
+                "on-policy steps need the teacher running on the student's samples (teacher.path, no cache)"
+            )
+        if o.ce_weight > 0:
+            raise DistillError(
+                "recipe key objective.ce_weight: on-policy completions are the student's own samples, not ground "
+                "truth; set ce_weight=0 when objective.on_policy.lambda > 0"
+            )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
@@ -334,6 +364,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         ("cache", "dir"),
         ("report", "baseline"),
         ("report", "generation"),
+        ("generate", "prompts"),
+        ("generate", "output"),
         ("output", "dir"),
     ]:
         fix(section, key)

@@ -19,12 +19,21 @@ from pathlib import Path
 import torch
 
 from distill import atomic
-from distill.checkpoint import RunState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from distill.checkpoint import (
+    RunState,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from distill.config import Recipe
 from distill.data import build_examples, collate, iter_batches, pad_id_of, split_eval, step_example_indices
 from distill.errors import DistillError
 from distill.evaluate import evaluate_batches
-from distill.losses import IGNORE_INDEX, loss_sums
+from distill.heads import output_head
+from distill.losses import IGNORE_INDEX
 from distill.metrics import MetricsLog, ProgressDisplay
 from distill.models import (
     Models,
@@ -38,6 +47,19 @@ from distill.models import (
     max_context,
     new_model_from_config,
     resolve_dtype,
+)
+from distill.onpolicy import OnPolicy
+from distill.parallel import (
+    StudentLoss,
+    clip_gradients,
+    full_state_dicts,
+    gather_objects,
+    gathered_for_inference,
+    load_full_state_dicts,
+    no_gradient_sync,
+    pick_strategy,
+    shard_student,
+    shard_teacher,
 )
 
 # Recipe sections whose change makes a checkpoint meaningless for this run.
@@ -65,7 +87,9 @@ def pick_accelerator(recipe: Recipe):
     if precision == "auto":
         bf16 = torch.cuda.is_available() and device != "cpu" and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16 else "no"
-    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    # accelerate only sets up a multi-process CPU run (gloo) when told it is on CPU.
+    no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(cpu=device == "cpu" or (device == "auto" and no_accelerator), mixed_precision=precision)
 
 
 def _check_context(recipe: Recipe, config, role: str) -> None:
@@ -155,77 +179,34 @@ def learning_rate(recipe: Recipe, step: int) -> float:
 # ---------------------------------------------------------------- loss
 
 
-def step_loss(models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float, teacher_signal):
+def step_loss(
+    loss_module, models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float, teacher_signal
+):
     """(loss to back-propagate, divergence sum, cross-entropy sum) of one micro-batch.
 
-    The sums run over the micro-batch's loss tokens; the loss is kd_weight·kd_sum + ce_weight·ce_sum divided by
+    The teacher's signal is computed here, without gradients: stored targets from a cache, the teacher's last
+    hidden states (fused path: its head is applied chunk by chunk inside the loss) or its logits. The student's
+    side runs inside `loss_module` (a `distill.parallel.StudentLoss`, possibly wrapped by DDP or FSDP). The sums
+    run over the micro-batch's loss tokens; the loss is kd_weight·kd_sum + ce_weight·ce_sum divided by
     `normalizer`, the global batch's loss-token count (per rank).
     """
-    o = recipe.objective
-    if o.fused:
-        return fused_step_loss(models, batch, recipe, normalizer, teacher_signal)
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    student_logits = models.student(input_ids=input_ids, attention_mask=attention_mask).logits
-    student_logits = student_logits[:, :-1, : models.vocab_size]  # (B, T-1, V): output i predicts token i+1
-    if teacher_signal is not None and o.kd_weight > 0:
-        from distill.sparse import sparse_loss_sums
+    from distill.heads import backbone_hidden_states
 
+    o = recipe.objective
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    signal = {}
+    if o.kd_weight > 0 and teacher_signal is not None:
         # Stored targets, one row per position of the (B, T-1) label grid.
-        targets = teacher_signal.targets(batch["example_index"], labels.shape[1], labels.device)
-        kd_sum, ce_sum = sparse_loss_sums(
-            student_logits.reshape(-1, student_logits.shape[-1]),  # (B·(T-1), V)
-            targets,
-            labels.reshape(-1),  # (B·(T-1),)
-            o.divergence,
-            o.beta,
-            o.skew,
-            o.temperature,
-        )
-        loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
-        return loss, kd_sum.detach(), ce_sum.detach()
-    teacher_logits = None
-    if models.teacher is not None and o.kd_weight > 0:
+        signal["sparse"] = teacher_signal.targets(batch["example_index"], labels.shape[1], labels.device)
+    elif o.kd_weight > 0 and models.teacher is not None:
         with torch.no_grad():
-            teacher_logits = models.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-            teacher_logits = teacher_logits[:, :-1, : models.vocab_size]  # (B, T-1, V)
-    kd_sum, ce_sum = loss_sums(student_logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
-    loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
-    return loss, kd_sum.detach(), ce_sum.detach()
-
-
-def fused_step_loss(
-    models: Models, batch: dict[str, torch.Tensor], recipe: Recipe, normalizer: float, teacher_signal=None
-):
-    """The same sums as the plain path, from the backbones' hidden states: no full logits exist anywhere."""
-    from distill.fused import fused_loss_sums
-    from distill.heads import backbone_hidden_states, output_head
-
-    o = recipe.objective
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    hidden = backbone_hidden_states(models.student, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
-    teacher_hidden = teacher_head = sparse = None
-    if teacher_signal is not None and o.kd_weight > 0:
-        sparse = teacher_signal.targets(batch["example_index"], labels.shape[1], labels.device)  # B·(T-1) rows
-    elif models.teacher is not None and o.kd_weight > 0:
-        with torch.no_grad():
-            teacher_hidden = backbone_hidden_states(models.teacher, input_ids, attention_mask)[:, :-1]  # (B, T-1, Ht)
-        teacher_head = output_head(models.teacher)
-    return fused_loss_sums(
-        hidden,
-        output_head(models.student),
-        labels,
-        teacher_hidden=teacher_hidden,
-        teacher_head=teacher_head,
-        sparse=sparse,
-        vocab_size=models.vocab_size,
-        divergence=o.divergence,
-        beta=o.beta,
-        skew=o.skew,
-        temperature=o.temperature,
-        ce_weight=o.ce_weight,
-        kd_weight=o.kd_weight,
-        normalizer=normalizer,
-    )
+            if o.fused:
+                hidden = backbone_hidden_states(models.teacher, input_ids, attention_mask)
+                signal["teacher_hidden"] = hidden[:, :-1]  # (B, T-1, Ht)
+            else:
+                logits = models.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+                signal["teacher_logits"] = logits[:, :-1, : models.vocab_size]  # (B, T-1, V)
+    return loss_module(input_ids, attention_mask, labels, normalizer, **signal)
 
 
 # ---------------------------------------------------------------- the run
@@ -293,6 +274,8 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     """Run `distill train`: returns the run folder, the saved student folder and the summary."""
     recipe.check_runnable()
     accelerator = pick_accelerator(recipe)
+    if not accelerator.is_main_process:
+        log = _silent  # one copy of each message, not one per process
     t = recipe.training
     out, checkpoint = _prepare_output(recipe, resume)
     torch.manual_seed(t.seed)
@@ -313,23 +296,35 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
         )
     micro = per_rank // t.grad_accum
 
-    student = models.student
+    strategy = pick_strategy(t.distributed, world)
+    if strategy == "fsdp" and accelerator.mixed_precision == "fp16":
+        raise DistillError("training.mixed_precision=fp16 does not work with training.distributed=fsdp; use bf16")
+    if world > 1:
+        log(f"{world} processes, {strategy.upper()}; {per_rank} sequences per process and step")
+    if strategy == "fsdp" and models.teacher is not None and t.shard_teacher:
+        shard_teacher(models.teacher)
+    teacher_head = None
+    if recipe.objective.fused and models.teacher is not None:
+        teacher_head = output_head(models.teacher)
+    student = models.student  # the plain Hugging Face model: evaluation, sampling and saving use it
     student.train()
-    decay, no_decay = [], []
-    for name, p in student.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    loss_module = StudentLoss(student, recipe.objective, models.vocab_size, teacher_head)
+    if strategy == "fsdp":
+        loss_module.to(accelerator.device)
+        shard_student(loss_module, accelerator.mixed_precision)  # before the optimizer: it sees the shards
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        _parameter_groups(loss_module, t.weight_decay),
         lr=t.lr,
         betas=t.betas,
         foreach=False,  # one code path on every device keeps resumed and uninterrupted runs bitwise equal
     )
-    student, optimizer = accelerator.prepare(student, optimizer)
-    models.student = student
+    if strategy != "fsdp":
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)  # DDP when several processes
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
 
     state = RunState()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer)
+        state = _resume(checkpoint, loss_module, torch_optimizer, world, rank, accelerator.is_main_process)
         log(f"resumed from {checkpoint} (step {state.step})")
     metrics = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     metrics.truncate_after(state.step)
@@ -341,9 +336,8 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
         batches = iter_batches(eval_examples, eval_micro, pad_id)
         if t.eval_batches:
             batches = (b for i, b in enumerate(batches) if i < t.eval_batches)
-        result = evaluate_batches(
-            accelerator.unwrap_model(student), models.teacher, batches, models.vocab_size, accelerator.device
-        )
+        with gathered_for_inference(loss_module):
+            result = evaluate_batches(student, models.teacher, batches, models.vocab_size, accelerator.device)
         student.train()
         event = {"event": "eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}}
         metrics.write(event)
@@ -351,6 +345,7 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
 
     o = recipe.objective
     device = accelerator.device
+    on_policy = OnPolicy(recipe, tokenizer, train_examples, device, accelerator.autocast)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # found without a host sync per step
     window_loss = torch.zeros(3, device=device)  # loss, kd, ce sums over steps since the last log line
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
@@ -365,9 +360,11 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                 group["lr"] = lr
             indices = step_example_indices(len(train_examples), t.seed, step, t.batch_size)
             mine = indices[rank * per_rank : (rank + 1) * per_rank]
-            batches = [
-                collate([train_examples[i] for i in mine[j : j + micro]], pad_id) for j in range(0, per_rank, micro)
-            ]
+            micro_examples = [[train_examples[i] for i in mine[j : j + micro]] for j in range(0, per_rank, micro)]
+            # On an on-policy step (GKD) the student's own completions of the same prompts replace the data.
+            with gathered_for_inference(loss_module):
+                micro_examples = on_policy.examples(student, step, rank, micro_examples)
+            batches = [collate(examples, pad_id) for examples in micro_examples]
             for j, b in enumerate(batches):
                 b["example_index"] = torch.tensor(mine[j * micro : (j + 1) * micro])  # (B,) for a teacher cache
             local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
@@ -381,16 +378,19 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                 # Example indices stay on the host: the cache reader needs them there, and copying back would sync.
                 batch = {k: v if k == "example_index" else v.to(device) for k, v in batch.items()}
                 sync = j == len(batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(student), accelerator.autocast():
-                    loss, kd_sum, ce_sum = step_loss(models, batch, recipe, normalizer, teacher_signal)
+                skip_sync = nullcontext() if sync else no_gradient_sync(loss_module, accelerator, strategy)
+                with skip_sync, accelerator.autocast():
+                    loss, kd_sum, ce_sum = step_loss(loss_module, models, batch, recipe, normalizer, teacher_signal)
                 accelerator.backward(loss)
                 step_sums += torch.stack([kd_sum.float(), ce_sum.float()])
             if t.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
+                grad_norm = clip_gradients(loss_module, accelerator, t.max_grad_norm, strategy)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            step_means = step_sums / max(local_tokens, 1)
+            if world > 1:  # the logged loss is the global batch's, not this rank's share of it
+                step_sums = accelerator.reduce(step_sums, "sum")
+            step_means = step_sums / max(global_tokens, 1)
             mean_loss = o.kd_weight * step_means[0] + o.ce_weight * step_means[1]
             bad = ~torch.isfinite(mean_loss)
             first_bad_step = torch.where(bad & (first_bad_step < 0), step + 1, first_bad_step)
@@ -420,6 +420,7 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                     "tokens": state.tokens_seen,
                     "tokens_per_s": rate,
                     "elapsed_s": now - run_start,
+                    **on_policy.log_fields(now - window_start),
                 }
                 metrics.write(event)
                 progress.show(loss=means[0], tokens_per_s=rate)
@@ -429,9 +430,12 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                 state.last_eval = run_eval(state.step)
             if state.step % t.save_every == 0 or last:
                 state.elapsed_s = time.perf_counter() - run_start
+                model_state, optimizer_state = full_state_dicts(loss_module, torch_optimizer)  # every rank gathers
+                rng_states = gather_objects(rng_state(), world)
                 if accelerator.is_main_process:
-                    save_checkpoint(out / "checkpoints", accelerator.unwrap_model(student), optimizer, state)
+                    save_checkpoint(out / "checkpoints", model_state, optimizer_state, rng_states, state)
                     prune_checkpoints(out / "checkpoints", t.keep_checkpoints)
+                del model_state, optimizer_state
                 accelerator.wait_for_everyone()
 
     summary = {
@@ -439,18 +443,22 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
         "tokens": state.tokens_seen,
         "loss_tokens": state.loss_tokens_seen,
         "time_s": time.perf_counter() - run_start,
-        "student_params": count_parameters(accelerator.unwrap_model(student)),
+        "student_params": count_parameters(student),
         "teacher_params": count_parameters(models.teacher) if models.teacher is not None else None,
         "final_eval": state.last_eval,
     }
     student_dir = out / "student"
+    # Under FSDP the student's weights are shards: gather them (every rank takes part) for rank 0 to save.
+    student_state = _student_state(loss_module) if strategy == "fsdp" else None
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(student), tokenizer, recipe, summary, student_dir)
+        save_student(student, tokenizer, recipe, summary, student_dir, student_state)
     accelerator.wait_for_everyone()
     log(f"student written to {student_dir}")
     result = TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
-    if accelerator.is_main_process and recipe.report.enabled and models.teacher is not None:
-        del optimizer
+    # A run from a cache can still be reported on when the recipe names the teacher (it is loaded for the report).
+    teacher_known = models.teacher is not None or (recipe.teacher.cache is not None and recipe.teacher.path is not None)
+    if accelerator.is_main_process and recipe.report.enabled and teacher_known:
+        del optimizer, torch_optimizer
         write_run_report(recipe, result, eval_examples, accelerator.device, show_progress, log)
     return result
 
@@ -487,6 +495,34 @@ def write_run_report(recipe: Recipe, result: TrainResult, eval_examples, device,
     )
 
 
+def _parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _resume(checkpoint: Path, loss_module, optimizer, world: int, rank: int, is_main: bool) -> RunState:
+    """Restore weights, AdamW moments and this rank's RNG state; only rank 0 reads the tensors (it broadcasts)."""
+    saved = load_checkpoint(checkpoint, tensors=is_main)
+    load_full_state_dicts(loss_module, optimizer, saved.model, saved.optimizer, world)
+    # A run resumed with another number of processes reuses the saved states in turn.
+    set_rng_state(*saved.rng[rank % len(saved.rng)])
+    return saved.state
+
+
+def _student_state(loss_module) -> dict[str, torch.Tensor] | None:
+    """The student's whole weights keyed as the Hugging Face model names them (rank 0; None elsewhere)."""
+    model_state, _ = full_state_dicts(loss_module, None)
+    prefix = "student."
+    return {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)} or None
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
 def _check_fused_heads(models: Models, ids: list[int], device: torch.device) -> None:
     """Fail before training when the fused path would not see the logits the model itself produces."""
     from distill.heads import verify_output_head
@@ -514,10 +550,12 @@ def _stop_if_diverged(first_bad_step: torch.Tensor, out: Path) -> None:
         raise DistillError(f"the loss became NaN or infinite at step {bad_step} (try a lower training.lr){last_good}")
 
 
-def save_student(model, tokenizer, recipe: Recipe, summary: dict, folder: Path) -> None:
-    """The final student: save_pretrained + tokenizer + recipe.yaml + summary.json, moved into place whole."""
+def save_student(model, tokenizer, recipe: Recipe, summary: dict, folder: Path, state_dict: dict | None = None) -> None:
+    """The final student: save_pretrained + tokenizer + recipe.yaml + summary.json, moved into place whole.
+
+    `state_dict` replaces the model's own weights (gathered FSDP shards)."""
     tmp = atomic.fresh_tmp_folder(folder)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     atomic.write_json(tmp / "summary.json", summary)

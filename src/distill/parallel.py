@@ -1,0 +1,225 @@
+"""Training over several processes: the student's loss as one module, DDP or FSDP2 around it, and state dicts.
+
+Launch with `torchrun --nproc_per_node N -m distill train RECIPE` or `accelerate launch -m distill train RECIPE`;
+accelerate reads the launcher's environment and sets up the process group (gloo on CPU, nccl on GPUs).
+
+Why a module around the student *and* its loss: the fused loss multiplies hidden states by the output head's
+weight outside the model's own forward. A DDP or FSDP wrapper only sees what runs inside the forward of the module
+it wraps — under FSDP2 the head's weight is a shard everywhere else — so the wrapped module's forward is the whole
+loss computation, and every use of a student weight happens where the wrapper expects it.
+
+The teacher is never trained. Under FSDP2 its decoder layers are sharded (each is gathered for its forward and
+freed after it); its embeddings, final norm and output head stay whole on every rank because the fused loss reads
+the head outside any forward. This is the memory a teacher costs per rank: its layers / N plus those three.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from distill.errors import DistillError
+
+
+class StudentLoss(nn.Module):
+    """forward(batch, teacher signal) -> (loss to back-propagate, divergence sum, cross-entropy sum).
+
+    The sums run over the micro-batch's loss tokens; the loss is (kd_weight·kd_sum + ce_weight·ce_sum) / normalizer.
+    Exactly one teacher signal is given: full `teacher_logits` (B, T-1, V), `teacher_hidden` (B, T-1, Ht) with the
+    head set at construction (fused path), `sparse` targets (a cache), or none (hard labels only).
+    """
+
+    def __init__(self, student: nn.Module, objective, vocab_size: int, teacher_head=None):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.vocab_size = vocab_size
+        self.teacher_head = teacher_head  # an OutputHead (plain object, not registered: the teacher is not trained)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        normalizer: float,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+        sparse=None,
+    ):
+        o = self.objective
+        if o.fused:
+            return self._fused(input_ids, attention_mask, labels, normalizer, teacher_hidden, sparse)
+        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits[:, :-1, : self.vocab_size]  # (B, T-1, V): output i predicts token i+1
+        if sparse is not None:
+            from distill.sparse import sparse_loss_sums
+
+            kd_sum, ce_sum = sparse_loss_sums(
+                logits.reshape(-1, logits.shape[-1]),  # (B·(T-1), V)
+                sparse,
+                labels.reshape(-1),  # (B·(T-1),)
+                o.divergence,
+                o.beta,
+                o.skew,
+                o.temperature,
+            )
+        else:
+            from distill.losses import loss_sums
+
+            kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
+        loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
+        return loss, kd_sum.detach(), ce_sum.detach()
+
+    def _fused(self, input_ids, attention_mask, labels, normalizer, teacher_hidden, sparse):
+        from distill.fused import fused_loss_sums
+        from distill.heads import backbone_hidden_states, output_head
+
+        o = self.objective
+        hidden = backbone_hidden_states(self.student, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+        return fused_loss_sums(
+            hidden,
+            output_head(self.student),
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_head=self.teacher_head if teacher_hidden is not None else None,
+            sparse=sparse,
+            vocab_size=self.vocab_size,
+            divergence=o.divergence,
+            beta=o.beta,
+            skew=o.skew,
+            temperature=o.temperature,
+            ce_weight=o.ce_weight,
+            kd_weight=o.kd_weight,
+            normalizer=normalizer,
+        )
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def pick_strategy(requested: str, world: int) -> str:
+    """'single', 'ddp' or 'fsdp' for this launch."""
+    if world == 1:
+        return "single"
+    return "fsdp" if requested == "fsdp" else "ddp"
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its `_no_split_modules` classes): FSDP's sharding units."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DistillError(
+            f"training.distributed=fsdp: cannot find the decoder layers of {type(model).__name__} "
+            "(it declares no _no_split_modules); use training.distributed=ddp"
+        )
+    return layers
+
+
+def shard_student(loss_module: StudentLoss, mixed_precision: str) -> StudentLoss:
+    """FSDP2: each decoder layer is one unit, the rest (embeddings, norm, head) the root unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if mixed_precision in ("bf16", "fp16"):
+        low = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    for layer in decoder_layers(loss_module.student):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(loss_module, mp_policy=policy)
+    return loss_module
+
+
+def shard_teacher(teacher: nn.Module) -> None:
+    """FSDP2 for a frozen teacher: layers sharded and freed after their forward; embeddings and head whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(teacher):
+        fully_shard(layer, reshard_after_forward=True)
+        # Each layer is its own FSDP root, and roots keep their weights gathered after forward by default
+        # (training would gather them again for backward); a teacher has no backward, so free them.
+        layer.set_reshard_after_forward(True)
+
+
+@contextmanager
+def gathered_for_inference(module: nn.Module):
+    """Run the student outside the wrapped forward (evaluation, sampling): FSDP2's root weights gathered."""
+    unshard = getattr(module, "unshard", None)
+    if unshard is None:
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def no_gradient_sync(module: nn.Module, accelerator, strategy: str):
+    """Skip the gradient all-reduce of a micro-batch that is not the step's last."""
+    if strategy == "fsdp":
+        return _fsdp_no_sync(module)
+    return accelerator.no_sync(module)
+
+
+@contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def clip_gradients(module: nn.Module, accelerator, max_norm: float, strategy: str) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards and ranks); returns the norm before clipping."""
+    if strategy != "fsdp":
+        return accelerator.clip_grad_norm_(module.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None):
+    """(model, optimizer) state dicts, whole, on CPU, keyed by parameter names; empty on ranks other than 0.
+
+    Every rank must call this (FSDP gathers the shards). Works the same for a plain, DDP or FSDP2 module.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(module, options=options)
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options) if optimizer is not None else None
+    return model_state, optimizer_state
+
+
+def load_full_state_dicts(module: nn.Module, optimizer, model_state: dict, optimizer_state: dict, world: int) -> None:
+    """Inverse of `full_state_dicts`; with several processes only rank 0 needs the dicts (it broadcasts them)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_model_state_dict(module, model_state, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def gather_objects(value, world: int) -> list:
+    """[value of rank 0, value of rank 1, ...] on every rank."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
