@@ -22,8 +22,6 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from test_train import final_weights, recipe_dict, write_recipe
 
-pytestmark = pytest.mark.slow
-
 STEPS = 6
 
 
@@ -86,6 +84,21 @@ def _assert_same_run(run: Path, reference: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_ranks_split_every_epoch_without_repeats():
+    """Each rank takes its slice of the global batch: over one epoch every example is seen exactly once."""
+    from distill.data import step_example_indices
+
+    examples, batch, world = 40, 8, 2
+    seen = []
+    for step in range(examples // batch):
+        indices = step_example_indices(examples, seed=3, step=step, batch_size=batch)
+        per_rank = [indices[r * batch // world : (r + 1) * batch // world] for r in range(world)]
+        assert not set(per_rank[0]) & set(per_rank[1])
+        seen += [i for part in per_rank for i in part]
+    assert sorted(seen) == list(range(examples))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, single_run, teacher_dir, student_dir, train_file, strategy):
     recipe = _recipe(tmp_path, strategy, teacher_dir, student_dir, train_file, distributed=strategy)
@@ -98,6 +111,7 @@ def test_two_processes_match_one_process(tmp_path, single_run, teacher_dir, stud
     assert set(final_weights(run)) <= {k.removeprefix("student.") for k in saved}
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_run_killed_and_resumed_finishes_like_an_uninterrupted_one(
     tmp_path, single_run, teacher_dir, student_dir, train_file
 ):

@@ -132,15 +132,21 @@ def shard_student(loss_module: StudentLoss, mixed_precision: str) -> StudentLoss
     return loss_module
 
 
-def shard_teacher(teacher: nn.Module) -> None:
-    """FSDP2 for a frozen teacher: layers sharded and freed after their forward; embeddings and head whole."""
+def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+    """FSDP2 for a frozen teacher on CPU: its layers reach `device` as shards (gathered for their forward, freed
+    after it); embeddings, norm and head move to `device` whole."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     for layer in decoder_layers(teacher):
         fully_shard(layer, reshard_after_forward=True)
         # Each layer is its own FSDP root, and roots keep their weights gathered after forward by default
         # (training would gather them again for backward); a teacher has no backward, so free them.
         layer.set_reshard_after_forward(True)
+    with torch.no_grad():
+        for tensor in [*teacher.parameters(), *teacher.buffers()]:
+            if not isinstance(tensor, DTensor):
+                tensor.data = tensor.data.to(device)
 
 
 @contextmanager

@@ -100,8 +100,17 @@ def _check_context(recipe: Recipe, config, role: str) -> None:
         )
 
 
-def load_models(recipe: Recipe, device: torch.device, student_init: Path | None = None, log=print) -> Models:
-    """Teacher (frozen, eval mode, recipe dtype), student (fp32 master weights) and the shared tokenizer."""
+def load_models(
+    recipe: Recipe,
+    device: torch.device,
+    student_init: Path | None = None,
+    log=print,
+    teacher_device: torch.device | None = None,
+) -> Models:
+    """Teacher (frozen, eval mode, recipe dtype), student (fp32 master weights, on CPU) and the shared tokenizer.
+
+    The teacher goes to `teacher_device` (default `device`); FSDP keeps it on CPU until its layers are sharded.
+    """
     t, s = recipe.teacher, recipe.student
     use_teacher = recipe.needs_teacher and t.path is not None and t.cache is None
     teacher_config = None
@@ -134,7 +143,7 @@ def load_models(recipe: Recipe, device: torch.device, student_init: Path | None 
         teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
         teacher.eval()
         teacher.requires_grad_(False)
-        teacher.to(device)
+        teacher.to(teacher_device or device)
     vocab_size = check_vocabulary(tokenizer, teacher, student)
     log(
         f"student: {count_parameters(student) / 1e6:.2f}M parameters"
@@ -280,14 +289,18 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     out, checkpoint = _prepare_output(recipe, resume)
     torch.manual_seed(t.seed)
     student_init = _student_init(recipe, out, log)
-    models = load_models(recipe, accelerator.device, student_init, log)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    strategy = pick_strategy(t.distributed, world)
+    # Under FSDP the teacher reaches the device only as shards: a teacher larger than one device still loads.
+    shards_teacher = strategy == "fsdp" and t.shard_teacher
+    teacher_device = torch.device("cpu") if shards_teacher else accelerator.device
+    models = load_models(recipe, accelerator.device, student_init, log, teacher_device)
     tokenizer, pad_id = models.tokenizer, pad_id_of(models.tokenizer)
     train_examples, eval_examples = load_data(recipe, tokenizer, log)
     teacher_signal = _teacher_signal(recipe, models, train_examples)
     if recipe.objective.fused:
-        _check_fused_heads(models, train_examples[0].input_ids[:16], accelerator.device)
+        _check_fused_heads(models, train_examples[0].input_ids[:16])
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     per_rank = t.batch_size // world
     if per_rank * world != t.batch_size or per_rank % t.grad_accum:
         raise DistillError(
@@ -296,13 +309,12 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
         )
     micro = per_rank // t.grad_accum
 
-    strategy = pick_strategy(t.distributed, world)
     if strategy == "fsdp" and accelerator.mixed_precision == "fp16":
         raise DistillError("training.mixed_precision=fp16 does not work with training.distributed=fsdp; use bf16")
     if world > 1:
         log(f"{world} processes, {strategy.upper()}; {per_rank} sequences per process and step")
-    if strategy == "fsdp" and models.teacher is not None and t.shard_teacher:
-        shard_teacher(models.teacher)
+    if shards_teacher and models.teacher is not None:
+        shard_teacher(models.teacher, accelerator.device)
     teacher_head = None
     if recipe.objective.fused and models.teacher is not None:
         teacher_head = output_head(models.teacher)
@@ -310,7 +322,6 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     student.train()
     loss_module = StudentLoss(student, recipe.objective, models.vocab_size, teacher_head)
     if strategy == "fsdp":
-        loss_module.to(accelerator.device)
         shard_student(loss_module, accelerator.mixed_precision)  # before the optimizer: it sees the shards
     optimizer = torch.optim.AdamW(
         _parameter_groups(loss_module, t.weight_decay),
@@ -523,11 +534,10 @@ def _silent(_message: str) -> None:
     pass
 
 
-def _check_fused_heads(models: Models, ids: list[int], device: torch.device) -> None:
+def _check_fused_heads(models: Models, ids: list[int]) -> None:
     """Fail before training when the fused path would not see the logits the model itself produces."""
     from distill.heads import verify_output_head
 
-    input_ids = torch.tensor([ids], device=device)
     for role, model in (("student", models.student), ("teacher", models.teacher)):
         if model is None:
             continue
@@ -535,7 +545,7 @@ def _check_fused_heads(models: Models, ids: list[int], device: torch.device) -> 
         model.eval()  # no dropout: the comparison must be deterministic
         try:
             with torch.no_grad():
-                verify_output_head(model, input_ids)
+                verify_output_head(model, torch.tensor([ids], device=next(model.parameters()).device))
         except ValueError as e:
             raise DistillError(f"objective.fused: {role}: {e}; set objective.fused=false") from None
         finally:
