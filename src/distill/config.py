@@ -97,7 +97,11 @@ class DataConfig(Section):
 
 class OnPolicyConfig(Section):
     lambda_: float = Field(
-        0.0, alias="lambda", ge=0, le=1, description="Share of batches sampled by the student (0 = off-policy)."
+        0.0,
+        alias="lambda",
+        ge=0,
+        le=1,
+        description="Share of steps trained on the student's own completions of the prompts (0 = off-policy).",
     )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's completions.")
     max_new_tokens: int = Field(

@@ -170,11 +170,15 @@ class OnPolicy:
     def enabled(self) -> bool:
         return self.config.lambda_ > 0
 
+    def chooses(self, step: int) -> bool:
+        """Whether step `step` is on-policy (the same answer on every rank and after a resume)."""
+        return is_on_policy_step(self.seed, step, self.config.lambda_)
+
     def examples(self, model, step: int, rank: int, micro_batches: list[list[Example]]) -> list[list[Example]]:
         """The micro-batches step `step` trains on: the given ones, or on an on-policy step the student's own
         completions of their prompts. `model` is the unwrapped student; it is back in its mode afterwards."""
         self.window_steps += 1
-        if not is_on_policy_step(self.seed, step, self.config.lambda_):
+        if not self.chooses(step):
             return micro_batches
         self.window_on_policy += 1
         start = time.perf_counter()

@@ -156,6 +156,9 @@ def gathered_for_inference(module: nn.Module):
     if unshard is None:
         yield
         return
+    # Sampling can come before the first training forward, and FSDP2 sets up its root state in that forward;
+    # unshard() on a module whose layers were never run as part of the root refuses, so set it up here.
+    module._get_fsdp_state()._lazy_init()  # private torch API (2.6-2.13); no public equivalent yet
     module.unshard()
     try:
         yield

@@ -373,7 +373,7 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
             mine = indices[rank * per_rank : (rank + 1) * per_rank]
             micro_examples = [[train_examples[i] for i in mine[j : j + micro]] for j in range(0, per_rank, micro)]
             # On an on-policy step (GKD) the student's own completions of the same prompts replace the data.
-            with gathered_for_inference(loss_module):
+            with gathered_for_inference(loss_module) if on_policy.chooses(step) else nullcontext():
                 micro_examples = on_policy.examples(student, step, rank, micro_examples)
             batches = [collate(examples, pad_id) for examples in micro_examples]
             for j, b in enumerate(batches):
