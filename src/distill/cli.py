@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--speed-runs", type=int, help="timing repetitions (median is reported)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    generate = commands.add_parser("generate", help="the teacher writes completions for prompts (sequence-level KD)")
+    _add_recipe_arguments(generate)
+    generate.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    serve = commands.add_parser("serve", help="serve a local model with an OpenAI-compatible API (for tests/dev)")
+    serve.add_argument("model_dir", help="model folder (or hub id) with its tokenizer")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    serve.add_argument("--model-name", help="name clients use in `model` (default: the folder's name)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
+
     student = commands.add_parser("student", help="build a student by pruning a teacher")
     student.add_argument("teacher", help="teacher model folder or hub id")
     student.add_argument("--out", required=True, help="folder to write the student to")
@@ -149,6 +161,21 @@ def _command_eval(args) -> int:
     return 0
 
 
+def _command_generate(args) -> int:
+    from distill.config import load_recipe
+    from distill.generate import generate
+
+    generate(load_recipe(args.recipe, args.overrides), show_progress=not args.quiet)
+    return 0
+
+
+def _command_serve(args) -> int:
+    from distill.serve import serve
+
+    serve(args.model_dir, args.host, args.port, args.model_name, args.dtype, args.device)
+    return 0
+
+
 def _command_student(args) -> int:
     from distill.student import build_student
 
@@ -210,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             return _command_config(args)
         if args.command == "cache":
             return _command_cache(args)
+        if args.command == "generate":
+            return _command_generate(args)
+        if args.command == "serve":
+            return _command_serve(args)
         if args.command == "student":
             return _command_student(args)
         if args.command == "eval":
