@@ -73,6 +73,15 @@ def test_prompt_completion_counts_only_the_completion_and_eos(tokenizer):
     assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == completion + "<|eos|>"
 
 
+def test_completion_cut_by_a_length_limit_gets_no_eos(tokenizer):
+    row = {"prompt": "def add(a, b):", "completion": "\n    return a", "finish_reason": "length"}
+    ids, mask = encode_row(row, tokenizer)
+    assert ids[-1] != tokenizer.eos_token_id
+    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "\n    return a"
+    finished, _ = encode_row({**row, "finish_reason": "stop"}, tokenizer)
+    assert finished == ids + [tokenizer.eos_token_id]
+
+
 def test_empty_completion_still_teaches_eos(tokenizer):
     ids, mask = encode_row({"prompt": "hello", "completion": ""}, tokenizer)
     assert ids[-1] == tokenizer.eos_token_id and mask[-1] and sum(mask) == 1

@@ -240,7 +240,11 @@ def encode_row(row: object, tokenizer) -> tuple[list[int], list[bool]]:
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise ValueError('"prompt" and "completion" must both be strings')
         prompt_ids = _encode(tokenizer, prompt, special=True)
-        completion_ids = _with_eos(tokenizer, _encode(tokenizer, completion, special=False))
+        completion_ids = _encode(tokenizer, completion, special=False)
+        # A completion cut by a length limit (`distill generate` marks it) did not end: teaching the student to
+        # stop there would teach it to stop mid-sentence.
+        if row.get("finish_reason") != "length":
+            completion_ids = _with_eos(tokenizer, completion_ids)
         return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
     if "text" in row:
         if not isinstance(row["text"], str):
