@@ -147,6 +147,11 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
         for tensor in [*teacher.parameters(), *teacher.buffers()]:
             if not isinstance(tensor, DTensor):
                 tensor.data = tensor.data.to(device)
+    # A teacher half on the wrong device fails late and obscurely (a known FSDP pitfall): check every tensor now.
+    for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.device.type != device.type:
+            raise RuntimeError(f"teacher tensor {name} is on {local.device} after sharding, not on {device}")
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -83,6 +84,12 @@ def pick_accelerator(recipe: Recipe):
     device = recipe.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise DistillError("recipe key training.device: cuda was asked for but no GPU is visible")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # accelerate's own FSDP wrapping would fight distill's (which keeps the fused loss inside the wrapper).
+        raise DistillError(
+            "accelerate was launched with FSDP settings (--use_fsdp or an FSDP config); launch with plain "
+            "`accelerate launch --num_processes N` and set training.distributed=fsdp in the recipe instead"
+        )
     precision = recipe.training.mixed_precision
     if precision == "auto":
         bf16 = torch.cuda.is_available() and device != "cpu" and torch.cuda.is_bf16_supported()
