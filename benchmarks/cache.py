@@ -8,13 +8,17 @@ the quick-start tokenizer of 1024 tokens):
 
 1. The teacher (a 4-layer Llama, about 7x the student's parameters) is trained here on hard labels first, so
    that its distributions look like a language model's (peaked), not like a random network's (flat).
-2. `distill cache` builds two caches of the same training set: top-k 32 + sampled m (8-bit log-probs), and
-   top-k 32 in float16.
+2. `distill cache` builds six caches of the same training set: top-32 + sampled m (8-bit log-probs), top-32 in
+   float16, top-32 in 4-bit codes with bit-packed ids, top-16 in 8-bit codes with bit-packed ids, and top-16 /
+   top-32 plus 8 draws from the teacher's tail (`cache.tail_samples`), 4-bit codes, bit-packed ids.
 3. The student (2-layer Qwen2) is distilled for the same steps, from the same initial weights and data order:
-   online with the dense teacher, and from each cached representation (forward KL, τ = 1, fused loss).
-4. Reported per row: stored bytes per loss token, training tokens/s (mean of the log windows after the first,
-   so start-up and warm-up are left out), and the held-out KL(teacher ‖ student) and cross-entropy on files the
-   teacher never saw, with the ratio to online distillation.
+   online with the dense teacher, and from each cached representation (forward KL, τ = 1, fused loss); the
+   top-32 float16 and int4 caches are each read twice, with the tail as one extra class (default) and
+   spread uniformly over the other tokens (`cache.tail`).
+4. Reported per row: stored bytes per loss token, training tokens/s (median of the log windows after the first,
+   so start-up, warm-up and load spikes are left out), the process CPU seconds of the whole `train()` call
+   (loading included; less sensitive to other processes than wall time), and the held-out KL(teacher ‖ student)
+   and cross-entropy on files the teacher never saw, with the ratio to online distillation.
 
 Not a test: the timings depend on the machine and on whatever else runs on it.
 """
@@ -170,9 +174,11 @@ def sharpened_teacher(work: Path, scale: float) -> Path:
 
 
 def train_rate(out: Path) -> float:
+    """Median tokens/s of the log windows after the first: a load spike from another process moves a mean, not
+    a median."""
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [e["tokens_per_s"] for e in events if e.get("event") == "train"]
-    return statistics.mean(rates[1:] if len(rates) > 1 else rates)
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
 def main() -> None:
@@ -188,6 +194,7 @@ def main() -> None:
         "--teacher-scale", type=float, default=1.0, help="multiply the teacher's output head (sharper teacher)"
     )
     parser.add_argument("--quick", action="store_true", help="small data and teacher (smoke run)")
+    parser.add_argument("--only", nargs="*", help="train only the cached runs whose label contains one of these")
     parser.add_argument("--fresh", action="store_true", help="delete --work first")
     args = parser.parse_args()
     if args.quick:
@@ -213,76 +220,109 @@ def main() -> None:
     teacher_stats = teacher_statistics(args.teacher, eval_file, args.max_length)
     student_params = count_parameters(load_model(str(work / "student-init"), "student", torch.float32))
 
+    # name -> cache settings; every cache stores the same top-32 or top-16 of the same teacher on the same data.
     caches = {
         "int8": {"representation": "both", "precision": "int8"},
         "fp16": {"representation": "top_k", "precision": "float16"},
+        "int4-packed": {"representation": "top_k", "precision": "int4", "pack_ids": True},
+        "top16-int8-packed": {"representation": "top_k", "precision": "int8", "pack_ids": True, "top_k": 16},
+        "top16-tail8-int4-packed": {"precision": "int4", "pack_ids": True, "top_k": 16, "tail_samples": 8},
+        "top32-tail8-int4-packed": {"precision": "int4", "pack_ids": True, "top_k": 32, "tail_samples": 8},
     }
     build_s = {}
     for name, settings in caches.items():
-        folder = work / f"cache-{name}{tag}"
+        folder = work / f"cache-v2-{name}{tag}"
         recipe = recipe_from_dict(base, {"cache.dir": str(folder), **{f"cache.{k}": v for k, v in settings.items()}})
         start = time.perf_counter()
         build_cache(recipe, **QUIET)
         build_s[name] = time.perf_counter() - start
-    manifests = {name: read_manifest(work / f"cache-{name}{tag}") for name in caches}
+    manifests = {name: read_manifest(work / f"cache-v2-{name}{tag}") for name in caches}
     loss_tokens = manifests["int8"]["data"]["loss_tokens"]
 
+    def cached(name: str, train_on: str, **more) -> dict:
+        return {"teacher.cache": str(work / f"cache-v2-{name}{tag}"), "cache.train_on": train_on, **more}
+
+    # (label, recipe overrides, (cache, representation) whose bytes per token the row reports)
     runs = [
         ("online dense teacher", {}, None),
-        ("cache top-32 float16", {"teacher.cache": str(work / f"cache-fp16{tag}")}, ("fp16", "top_k")),
+        ("top-32 float16", cached("fp16", "top_k"), ("fp16", "top_k")),
+        ("top-32 float16, uniform tail", cached("fp16", "top_k", **{"cache.tail": "uniform"}), ("fp16", "top_k")),
+        ("top-32 int8", cached("int8", "top_k"), ("int8", "top_k")),
+        ("top-32 int4, packed ids", cached("int4-packed", "top_k"), ("int4-packed", "top_k")),
         (
-            "cache top-32 int8",
-            {"teacher.cache": str(work / f"cache-int8{tag}"), "cache.train_on": "top_k"},
-            ("int8", "top_k"),
+            "top-32 int4, packed ids, uniform tail",
+            cached("int4-packed", "top_k", **{"cache.tail": "uniform"}),
+            ("int4-packed", "top_k"),
+        ),
+        ("top-16 int8, packed ids", cached("top16-int8-packed", "top_k"), ("top16-int8-packed", "top_k")),
+        (
+            "top-16 + 8 tail draws, int4, packed ids",
+            cached("top16-tail8-int4-packed", "top_k"),
+            ("top16-tail8-int4-packed", "top_k"),
         ),
         (
-            f"cache sampled m={args.sample_m} int8",
-            {"teacher.cache": str(work / f"cache-int8{tag}"), "cache.train_on": "sampled"},
-            ("int8", "sampled"),
+            "top-32 + 8 tail draws, int4, packed ids",
+            cached("top32-tail8-int4-packed", "top_k"),
+            ("top32-tail8-int4-packed", "top_k"),
         ),
+        (f"sampled m={args.sample_m} int8", cached("int8", "sampled"), ("int8", "sampled")),
+        # The ceiling of any cache: the student's own step with no teacher signal at all.
+        ("hard labels only (no teacher signal)", {"objective.kd_weight": 0.0, "objective.ce_weight": 1.0}, None),
+        # Online again at the end: the machine's drift over the run shows as the gap between the two online rows.
+        ("online dense teacher (again, last)", {}, None),
     ]
+    if args.only:
+        runs = [r for r in runs if r[0].startswith("online") or any(word in r[0] for word in args.only)]
     rows = []
     initial = held_out_metrics(work / "student-init", args.teacher, eval_file, args.max_length)
     for label, overrides, stored in runs:
-        out = work / f"runs{tag}" / label.replace(" ", "-").replace("=", "")
+        out = work / f"runs{tag}" / label.replace(" ", "-").replace("=", "").replace(",", "")
         if out.exists():
             shutil.rmtree(out)
         recipe = recipe_from_dict(base, {"output.dir": str(out), **overrides})
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = train(recipe, **QUIET)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         metrics = held_out_metrics(result.student_dir, args.teacher, eval_file, args.max_length)
         per_token = manifests[stored[0]]["bytes_per_token"][stored[1]] if stored else None
         rate = train_rate(out)
-        rows.append({"run": label, "bytes_per_token": per_token, "tokens_per_s": rate, "wall_s": wall, **metrics})
+        rows.append(
+            {"run": label, "bytes_per_token": per_token, "tokens_per_s": rate, "wall_s": wall, "cpu_s": cpu, **metrics}
+        )
         print(f"{label}: done in {wall:.0f} s", flush=True)
 
-    online = rows[0]
+    online = dict(rows[0])
+    # Speeds are compared with the mean of the first and last online runs, which brackets the cached ones.
+    online["tokens_per_s"] = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
     print()
     print(
         f"teacher {teacher_params / 1e6:.2f}M params ({teacher_params / student_params:.1f}x the student's "
         f"{student_params / 1e6:.2f}M); vocabulary 1024; {loss_tokens} training loss tokens; {args.steps} steps × "
         f"{args.batch_size} sequences of ≤ {args.max_length} tokens; CPU threads {args.threads}; {platform.processor()}"
     )
-    files = [manifests[name]["bytes_per_token"]["files"] for name in ("int8", "fp16")]
-    print(
-        f"cache build: {build_s['int8']:.0f} s (top-32 + sampled, int8), {build_s['fp16']:.0f} s (top-32, float16); "
-        f"files {files[0]:.1f} / {files[1]:.1f} bytes per loss token with offsets and headers"
+    built = ", ".join(
+        f"{name} {build_s[name]:.0f} s / {manifests[name]['bytes_per_token']['files']:.1f} B per token"
+        for name in caches
     )
+    print(f"cache builds (time / file bytes per loss token with offsets and headers): {built}")
     print(
         f"teacher head scale {args.teacher_scale:g}: held-out entropy {teacher_stats['entropy']:.2f} nats, "
         f"top-32 mass {teacher_stats['top_k_mass']:.1%}; "
         f"held-out KL(teacher ‖ student) before training: {initial['kl_to_teacher']:.4f}"
     )
     print()
-    header = "| run | bytes/token | train tokens/s | speed vs online | held-out KL(t‖s) | KL vs online | held-out CE |"
+    header = (
+        "| run | bytes/token | train tokens/s | speed vs online (mean of both) | CPU s of train() | held-out KL(t‖s) "
+        "| KL vs online | held-out CE |"
+    )
     print(header)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 8)
     for r in rows:
         stored = f"{r['bytes_per_token']}" if r["bytes_per_token"] is not None else "(teacher run)"
+        stored = "none" if r["run"].startswith("hard labels") else stored
         print(
             f"| {r['run']} | {stored} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / online['tokens_per_s']:.2f}x "
-            f"| {r['kl_to_teacher']:.4f} | {r['kl_to_teacher'] / online['kl_to_teacher'] - 1:+.1%} "
+            f"| {r['cpu_s']:.1f} | {r['kl_to_teacher']:.4f} | {r['kl_to_teacher'] / online['kl_to_teacher'] - 1:+.1%} "
             f"| {r['cross_entropy']:.4f} |"
         )
     results = {"rows": rows, "initial": initial, "build_s": build_s, "teacher": teacher_stats}

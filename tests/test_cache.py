@@ -91,7 +91,7 @@ def test_build_writes_compact_shards_and_reads_back_the_teacher_top_k(tmp_path, 
     assert manifest["id_dtype"] == "uint16" and manifest["top_k"] == 8 and manifest["sample_m"] == 6
     assert manifest["data"]["examples"] == len(examples) and len(manifest["shards"]) > 1
     assert sum(s["tokens"] for s in manifest["shards"]) == sum(e.loss_tokens for e in examples)
-    assert manifest["bytes_per_token"]["top_k"] == 8 * 4 + 2 and manifest["bytes_per_token"]["sampled"] == 6 * 5
+    assert manifest["bytes_per_token"]["top_k"] == 8 * 4 + 2 + 2 and manifest["bytes_per_token"]["sampled"] == 6 * 5
     shard = load_file(str(root / manifest["shards"][0]["file"]))  # a plain safetensors file
     assert shard["ids"].dtype == torch.uint16 and shard["log_probs"].dtype == torch.float16
     assert verify_cache(root) == []
@@ -125,9 +125,9 @@ def test_loss_at_temperature_2_matches_online_distillation(tmp_path, peaky_teach
     """k = V − 1 in float32 holds the whole distribution: the cached loss equals the online one at every τ.
 
     k = 32 in float16 (2% of the teacher's mass in the tail at τ = 1): within 2% at τ = 1. At τ = 2 the tail
-    holds far more of the tempered mass and `distill.sparse` spreads it uniformly and coarse-grains it, which
-    loses the divergence inside the tail: on this teacher the cached loss is 20-30% below the online one, so
-    the stated tolerance there is 35%. (k = 128 brings it within 3%; see benchmarks/README_cache.md.)
+    holds far more of the tempered mass; the stored √p sum gives its tempered mass exactly (a flat-tail rule
+    overstated it and left the loss 20-30% low), and what is left is the divergence inside the tail, which a
+    coarse-grained target cannot see: about 6% low on this teacher, so the stated tolerance there is 8%.
     """
     from distill.fused import fused_loss_sums
     from distill.heads import backbone_hidden_states, output_head
@@ -145,7 +145,7 @@ def test_loss_at_temperature_2_matches_online_distillation(tmp_path, peaky_teach
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
         hidden = backbone_hidden_states(student, batch["input_ids"], batch["attention_mask"])[:, :-1]
 
-    for k, precision, tolerances in ((vocab - 1, "float32", (1e-4, 1e-4)), (32, "float16", (0.02, 0.35))):
+    for k, precision, tolerances in ((vocab - 1, "float32", (1e-4, 1e-4)), (32, "float16", (0.02, 0.08))):
         folder = tmp_path / f"cache-{k}"
         built = recipe_from_dict(base, {"cache.dir": str(folder), "cache.top_k": k, "cache.precision": precision})
         build_cache(built, **QUIET)
@@ -282,9 +282,12 @@ def test_training_from_cache_fused_and_plain_agree_and_match_online(tmp_path, te
     start = load_file(str(student_dir / "model.safetensors"))
     for key in start:
         for other in ("plain", "fused"):
-            torch.testing.assert_close(
-                weights[other][key] - start[key], weights["online"][key] - start[key], rtol=1e-3, atol=2e-5
-            )
+            moved, reference = weights[other][key] - start[key], weights["online"][key] - start[key]
+            # Adam divides by √v + 1e-8: on entries whose gradient is near zero it turns float32 rounding of
+            # the loss into visible update differences, so single entries get 5e-5 (1% of one lr-sized step)
+            # while the bulk must agree far more tightly.
+            torch.testing.assert_close(moved, reference, rtol=1e-3, atol=5e-5)
+            assert (moved - reference).abs().mean() < 1e-6
     assert any((weights["plain"][k] - start[k]).abs().max() > 1e-4 for k in start)
 
 
@@ -371,4 +374,159 @@ def test_reader_targets_grid_matches_labels(tmp_path, teacher_dir, student_dir, 
     # 8-bit codes over each token's own range: within half a step of that range.
     span = (expected.log_probs[:, 0] - expected.log_probs[:, -1]).unsqueeze(-1)
     assert ((counted.log_probs - expected.log_probs).abs() <= span / 510 + 2e-2).all()
-    assert read_manifest(root)["bytes_per_token"]["top_k"] == 8 * 3 + 2 + 4
+    assert read_manifest(root)["bytes_per_token"]["top_k"] == 8 * 3 + 2 + 2 + 4
+
+
+@pytest.mark.parametrize("bits", [1, 4, 9, 17])
+def test_bit_packing_round_trips_row_by_row(bits):
+    from distill.cache import _pack_bits, _unpack_bits
+
+    values = np.random.default_rng(bits).integers(0, 2**bits, size=(7, 13))
+    packed = _pack_bits(values, bits)
+    assert packed.dtype == np.uint8 and packed.shape == (7, -(-13 * bits // 8))
+    np.testing.assert_array_equal(_unpack_bits(packed, bits, 13), values)
+    np.testing.assert_array_equal(_unpack_bits(packed[3:5], bits, 13), values[3:5])  # rows stand alone
+
+
+def test_packed_ids_and_int4_read_back_within_half_a_step(tmp_path, teacher_dir, student_dir, train_file):
+    cache = {"representation": "both", "sample_m": 6, "precision": "int4", "pack_ids": True}
+    recipe = recipe_from_dict(recipe_dict(teacher_dir, student_dir, train_file, tmp_path, cache=cache))
+    root = build_cache(recipe, **QUIET)
+    manifest = read_manifest(root)
+    tokenizer, examples, teacher = trainer_view(recipe)
+    bits = (len(tokenizer) - 1).bit_length()
+    assert manifest["id_bits"] == bits
+    shard = load_file(str(root / manifest["shards"][0]["file"]))
+    assert "ids" not in shard and shard["ids_packed"].shape[1] == -(-8 * bits // 8)
+    assert shard["log_probs"].shape[1] == 4  # 8 four-bit codes in 4 bytes
+    # ids ceil(8·bits/8) + 4 bytes of codes + 2 + 2 (rest, its √p sum) + 4 (range); sampled: ids + 6 counts
+    # + 3 bytes of codes + 4.
+    assert manifest["bytes_per_token"]["top_k"] == -(-8 * bits // 8) + 4 + 2 + 2 + 4
+    assert manifest["bytes_per_token"]["sampled"] == -(-6 * bits // 8) + 6 + 3 + 4
+
+    reader = open_cache_for_training(recipe, tokenizer, examples, len(tokenizer))
+    batch, logits = online_batch(recipe, tokenizer, examples, teacher, [3])
+    expected = top_k_targets(logits[batch["labels"] != -100], 8)
+    got = reader.example_targets(3)
+    assert torch.equal(got.ids, expected.ids) and got.distinct
+    span = (expected.log_probs[:, 0] - expected.log_probs[:, -1]).unsqueeze(-1)
+    assert ((got.log_probs - expected.log_probs).abs() <= span / 30 + 2e-2).all()  # half of 1/15 of the range
+
+    sampled = CacheReader(root, manifest, examples, "sampled", 1.0).example_targets(3)
+    unpacked = recipe_from_dict(
+        recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "plain", cache={**cache, "pack_ids": False})
+    )
+    plain = build_cache(unpacked, **QUIET)
+    same = CacheReader(plain, read_manifest(plain), examples, "sampled", 1.0).example_targets(3)
+    assert torch.equal(sampled.ids, same.ids)  # the same draws, packed or not
+    with pytest.raises(DistillError, match="cache.pack_ids"):
+        build_cache(recipe_from_dict(unpacked.model_dump(by_alias=True), {"cache.dir": str(root)}), **QUIET)
+
+
+def test_cache_keeps_its_tokenizer_and_checks_it(tmp_path, teacher_dir, student_dir, train_file):
+    from distill.cache import cache_tokenizer_dir, tokenizer_hash
+
+    recipe = recipe_from_dict(recipe_dict(teacher_dir, student_dir, train_file, tmp_path))
+    root = build_cache(recipe, **QUIET)
+    folder = cache_tokenizer_dir(root)
+    assert folder == root / "tokenizer" and set(read_manifest(root)["tokenizer_files"]) >= {"tokenizer.json"}
+    stored = load_tokenizer(str(folder), "student")
+    assert tokenizer_hash(stored) == read_manifest(root)["tokenizer_hash"]
+    assert tokenizer_hash(stored) == tokenizer_hash(load_tokenizer(str(teacher_dir), "teacher"))
+
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(DistillError, match="tokenizer/ do not match"):
+        cache_tokenizer_dir(root)
+    assert any("tokenizer/" in p for p in verify_cache(root, raise_on_problem=False))
+
+
+def test_teacher_weights_are_rehashed_only_when_size_or_mtime_change(
+    tmp_path, teacher_dir, student_dir, train_file, monkeypatch
+):
+    import shutil
+
+    import distill.cache as cache_module
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    content = recipe_dict(teacher, student_dir, train_file, tmp_path, teacher={"cache": str(tmp_path / "cache")})
+    recipe = recipe_from_dict(content)
+    build_cache(recipe, **QUIET)
+    recorded = read_manifest(tmp_path / "cache")["teacher"]["files"]
+    assert "model.safetensors" in recorded and recorded["model.safetensors"]["bytes"] > 0
+
+    hashed = []
+    real = cache_module._sha256_file
+    monkeypatch.setattr(cache_module, "_sha256_file", lambda path: hashed.append(path.name) or real(path))
+    tokenizer, examples, _ = trainer_view(recipe)
+    open_cache_for_training(recipe, tokenizer, examples)
+    assert hashed == []  # unchanged size and mtime: the recorded hashes are trusted
+
+    weights = teacher / "model.safetensors"
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same bytes: re-hashed, still valid
+    open_cache_for_training(recipe, tokenizer, examples)
+    assert hashed == ["model.safetensors"]
+
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # same size, other content, new mtime
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DistillError, match="different teacher"):
+        open_cache_for_training(recipe, tokenizer, examples)
+
+
+def test_reader_carries_the_tail_treatment(tmp_path, teacher_dir, student_dir, train_file):
+    recipe = recipe_from_dict(recipe_dict(teacher_dir, student_dir, train_file, tmp_path, cache={"tail": "uniform"}))
+    build_cache(recipe, **QUIET)
+    tokenizer, examples, _ = trainer_view(recipe)
+    targets = open_cache_for_training(recipe, tokenizer, examples).targets([0, 1], 50)
+    assert targets.tail == "uniform" and targets.distinct
+
+
+def test_cache_only_recipe_trains_with_the_cached_tokenizer(tmp_path, teacher_dir, student_dir, train_file):
+    content = recipe_dict(teacher_dir, student_dir, train_file, tmp_path)
+    build_cache(recipe_from_dict(content), **QUIET)
+    # No teacher.path and no student.tokenizer; the student folder has no tokenizer files of its own.
+    content["teacher"] = {"cache": str(tmp_path / "cache")}
+    content["student"] = {"path": str(student_dir)}
+    result = train(recipe_from_dict(content), **QUIET)
+    assert (result.student_dir / "model.safetensors").is_file()
+
+
+def test_tail_samples_estimate_the_tail_without_bias(tmp_path, peaky_teacher_dir, student_dir, train_file):
+    content = recipe_dict(peaky_teacher_dir, student_dir, train_file, tmp_path, cache={"tail_samples": 255})
+    recipe = recipe_from_dict(content)
+    root = build_cache(recipe, **QUIET)
+    assert read_manifest(root)["bytes_per_token"]["top_k"] == 8 * 4 + 4 + 255 * (2 + 1 + 2)
+    tokenizer, examples, teacher = trainer_view(recipe)
+    reader = open_cache_for_training(recipe, tokenizer, examples, len(tokenizer))
+    indices = [0, 4, 8, 12]
+    batch, logits = online_batch(recipe, tokenizer, examples, teacher, indices)
+    labels = batch["labels"].reshape(-1)
+    counted = (labels != -100).nonzero().squeeze(1)
+    targets = reader.targets(indices, batch["labels"].shape[1]).select(counted)
+    p = torch.softmax(logits.reshape(-1, logits.shape[-1])[counted], -1)  # (n, V) the teacher, dense
+    top = top_k_targets(p.log(), 8)
+
+    assert targets.distinct and torch.isneginf(targets.log_rest).all() and targets.ids.shape[1] == 8 + 255
+    assert torch.equal(targets.ids[:, :8], top.ids)
+    tail_ids = targets.ids[:, 8:]
+    assert not (tail_ids.unsqueeze(-1) == top.ids.unsqueeze(-2)).any()  # draws come from the tail only
+    estimate = torch.zeros_like(p).scatter_add_(
+        -1, targets.ids.clamp_min(0), torch.where(targets.ids >= 0, targets.log_probs.exp(), 0.0)
+    )  # (n, V) the head exact, the tail estimated
+    torch.testing.assert_close(estimate.sum(-1), torch.ones(len(p)), atol=2e-3, rtol=0)  # rest mass kept exactly
+    tail_truth = p.scatter(-1, top.ids, 0.0)
+    tail_estimate = estimate.scatter(-1, top.ids, 0.0)
+    # Averaged over tokens the sampling noise cancels: an unbiased estimate of the tail, not a flat one.
+    assert (tail_estimate.mean(0) - tail_truth.mean(0)).abs().sum() < 0.25 * tail_truth.mean(0).sum()
+
+    # The loss against it is close to online distillation at τ = 1, closer than the one-bucket tail.
+    student = load_model(str(student_dir), "student", torch.float32).eval()
+    with torch.no_grad():
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s_logits = s_logits[:, :-1, : len(tokenizer)].reshape(-1, len(tokenizer))[counted]
+    dense = logits.reshape(-1, logits.shape[-1])[counted]  # (n, V)
+    online = sparse_loss_sums(s_logits, top_k_targets(dense, dense.shape[-1] - 1), labels[counted])  # k = V − 1
+    sampled = sparse_loss_sums(s_logits, targets, labels[counted])
+    bucket = sparse_loss_sums(s_logits, top, labels[counted])
+    assert abs(float(sampled[0]) / float(online[0]) - 1) < abs(float(bucket[0]) / float(online[0]) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,17 +112,18 @@ def test_slot_order_padding_and_duplicates_do_not_matter(divergence, beta, skew)
     ref = sparse_token_divergence(student, base, divergence, beta, skew, temperature=1.5)
 
     perm = torch.tensor([2, 0, 3, 1])
-    permuted = SparseTargets(base.ids[:, perm], base.log_probs[:, perm], base.log_rest)
+    permuted = replace(base, ids=base.ids[:, perm], log_probs=base.log_probs[:, perm])
     # Two unused slots: one marked by id -1, one by a -inf log-probability (its id may be anything, even a used one).
     pad_ids = torch.cat([base.ids, torch.full((5, 1), -1), base.ids[:, :1]], dim=1)  # (5, 6)
     pad_lp = torch.cat([base.log_probs, torch.zeros(5, 1), torch.full((5, 1), float("-inf"))], dim=1)  # (5, 6)
-    padded = SparseTargets(pad_ids, pad_lp, base.log_rest)
+    padded = replace(base, ids=pad_ids, log_probs=pad_lp, distinct=False)
     # The first id split into two slots of half its probability each.
     half = base.log_probs[:, :1] - math.log(2.0)  # (5, 1)
-    split = SparseTargets(
-        torch.cat([base.ids, base.ids[:, :1]], dim=1),
-        torch.cat([half, base.log_probs[:, 1:], half], dim=1),
-        base.log_rest,
+    split = replace(
+        base,
+        ids=torch.cat([base.ids, base.ids[:, :1]], dim=1),
+        log_probs=torch.cat([half, base.log_probs[:, 1:], half], dim=1),
+        distinct=False,
     )
     for variant in (permuted, padded, split):
         got = sparse_token_divergence(student, variant, divergence, beta, skew, temperature=1.5)
@@ -168,3 +170,117 @@ def test_uninformative_rows_stay_finite_and_masked_rows_count_nothing():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="sparse targets need"):
         SparseTargets(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 3), torch.zeros(3))
+
+
+def _uniform_tail_dense_logits(targets, v: int) -> torch.Tensor:
+    """The full teacher that the `uniform` tail stands for: the stored log-probs at the ids, the rest mass split
+    evenly over the other tokens. (N, v) log-probs."""
+    k = targets.ids.shape[1]
+    dense = (targets.log_rest - math.log(v - k)).unsqueeze(-1).expand(-1, v).clone()  # (N, v)
+    return dense.scatter(-1, targets.ids, targets.log_probs)
+
+
+@pytest.mark.parametrize(("divergence", "beta", "skew"), OBJECTIVES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_uniform_tail_equals_the_dense_loss_of_the_spread_teacher(divergence, beta, skew, temperature):
+    n, v, k = 6, 30, 5
+    student = _logits(n, v, 20).requires_grad_(True)
+    # Without log_rest_half the tail is flat at every τ, which is what the dense reference spreads.
+    targets = replace(top_k_targets(_logits(n, v, 21, scale=3.0), k), tail="uniform", log_rest_half=None)
+    labels = torch.arange(n)
+    kd, _ = sparse_loss_sums(student, targets, labels, divergence, beta, skew, temperature)
+    ref, _ = loss_sums(student, _uniform_tail_dense_logits(targets, v), labels, divergence, beta, skew, temperature)
+    assert kd.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert _rel(torch.autograd.grad(kd, student)[0], torch.autograd.grad(ref, student)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_closed_form_gradient_matches_autograd_on_buckets(temperature):
+    # Reference: both sides coarse-grained by hand (one bucket per id, one for the rest), KL by autograd.
+    n, v, k = 8, 40, 6
+    student = _logits(n, v, 22).requires_grad_(True)
+    targets = replace(top_k_targets(_logits(n, v, 23, scale=3.0), k), log_rest_half=None)  # flat tail, as below
+    kd = sparse_token_divergence(student, targets, temperature=temperature)
+
+    others = torch.ones(n, v, dtype=torch.bool).scatter(-1, targets.ids, False)  # (n, v)
+    s_lp = torch.log_softmax(student / temperature, -1)
+    s_b = torch.cat([s_lp.gather(-1, targets.ids), s_lp.masked_fill(~others, -math.inf).logsumexp(-1, True)], -1)
+    log_r = targets.log_rest - math.log(v - k)  # each other token's share at τ = 1
+    t_b = torch.cat([targets.log_probs / temperature, (math.log(v - k) + log_r / temperature).unsqueeze(-1)], -1)
+    t_b = torch.log_softmax(t_b, -1)
+    ref = (t_b.exp() * (t_b - s_b)).sum(-1) * temperature**2
+    torch.testing.assert_close(kd, ref, rtol=1e-5, atol=1e-6)
+    grad, ref_grad = (torch.autograd.grad(x.sum(), student)[0] for x in (kd, ref))
+    assert _rel(grad, ref_grad) < 1e-5
+    # jsd at β = 0 and skew_forward_kl at α = 0 are forward KL and take the same path.
+    for divergence, beta, skew in (("jsd", 0.0, 0.1), ("skew_forward_kl", 0.5, 0.0)):
+        other = sparse_token_divergence(student, targets, divergence, beta, skew, temperature)
+        torch.testing.assert_close(other, kd)
+
+
+def test_uniform_tail_adds_the_within_tail_divergence_to_the_bucket_one():
+    student, teacher = _logits(10, 50, 24), _logits(10, 50, 25)
+    bucket = top_k_targets(teacher, 8)
+    uniform = replace(bucket, tail="uniform")
+    coarse = sparse_token_divergence(student, bucket)
+    spread = sparse_token_divergence(student, uniform)
+    assert (spread >= coarse - 1e-6).all() and (spread > coarse).any()
+    # A student whose tail is already flat gets nothing extra.
+    flat = student.scatter(-1, bucket.ids, 0.0).masked_fill(
+        torch.ones_like(student, dtype=torch.bool).scatter(-1, bucket.ids, False), 0.0
+    )
+    flat = flat.scatter(-1, bucket.ids, student.gather(-1, bucket.ids))
+    torch.testing.assert_close(sparse_token_divergence(flat, uniform), sparse_token_divergence(flat, bucket))
+
+
+def test_merged_sums_repeats_and_marks_targets_distinct():
+    targets = SparseTargets(
+        torch.tensor([[3, 1, 3, -1]]),
+        torch.tensor([[math.log(0.2), math.log(0.3), math.log(0.1), 0.0]]),
+        torch.tensor([math.log(0.4)]),
+    )
+    merged = targets.merged()
+    assert merged.distinct and not targets.distinct and merged.merged() is merged
+    assert merged.ids.tolist() == [[3, 1, -1, -1]]
+    torch.testing.assert_close(merged.log_probs[0, :2].exp(), torch.tensor([0.3, 0.3]))
+    assert torch.isneginf(merged.log_probs[0, 2:]).all()
+    assert top_k_targets(_logits(2, 9, 26), 3).distinct
+
+
+def test_unknown_tail_is_rejected():
+    with pytest.raises(ValueError, match="tail treatment"):
+        SparseTargets(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.zeros(1), tail="spread")
+
+
+def _exact_bucket_forward_kl(student, teacher, ids, temperature):
+    """τ²·KL between the dense tempered distributions coarse-grained to (each id, the rest). (N,)"""
+    s_lp, t_lp = torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1)
+
+    def buckets(lp):
+        return torch.cat([lp.gather(-1, ids), lp.scatter(-1, ids, -math.inf).logsumexp(-1, True)], -1)
+
+    s_b, t_b = buckets(s_lp), buckets(t_lp)
+    return (t_b.exp() * (t_b - s_b)).sum(-1) * temperature**2
+
+
+def test_tail_half_mass_makes_temperature_2_exact_and_beats_the_flat_tail_elsewhere():
+    n, v, k = 12, 200, 8
+    generator = torch.Generator().manual_seed(27)
+    # A teacher with a steep, Zipf-like tail (far from flat), like a trained LM's.
+    teacher = -1.2 * torch.log(torch.arange(1, v + 1).float()) + 0.3 * torch.randn(n, v, generator=generator)
+    teacher = teacher[:, torch.randperm(v, generator=generator)]
+    student = _logits(n, v, 28)
+    targets = top_k_targets(teacher, k)
+    assert targets.log_rest_half is not None
+    flat = replace(targets, log_rest_half=None)
+    for tau in (2.0, 1.5, 3.0, 0.7):
+        exact = _exact_bucket_forward_kl(student, teacher, targets.ids, tau)
+        with_half = sparse_token_divergence(student, targets, temperature=tau)
+        without = sparse_token_divergence(student, flat, temperature=tau)
+        error, flat_error = (with_half - exact).abs().mean(), (without - exact).abs().mean()
+        if tau == 2.0:
+            torch.testing.assert_close(with_half, exact, rtol=1e-5, atol=1e-5)
+        assert error < flat_error, (tau, float(error), float(flat_error))
+    torch.testing.assert_close(  # τ = 1 needs no estimate: the statistic changes nothing
+        sparse_token_divergence(student, targets), sparse_token_divergence(student, flat), rtol=0, atol=0
+    )

@@ -3,10 +3,11 @@ train any number of students from them without the teacher.
 
 What is stored, per loss token (a position whose label counts; prompt and padding positions are skipped):
 
-- ``top_k``   the teacher's k most probable ids and their log-probabilities at temperature 1, plus the log of
-              the mass left over (`distill.sparse.SparseTargets`), so the tail is accounted for rather than
-              dropped. Training divergences are those of `distill.sparse` on the (k+1)-bucket coarse
-              distributions; at τ ≠ 1 the tail is assumed uniform over the other tokens.
+- ``top_k``   the teacher's k most probable ids and their log-probabilities at temperature 1, the log of the
+              mass left over, and log Σ √p over the rest (`distill.sparse.SparseTargets`): the tail is
+              accounted for rather than dropped, and its tempered mass is known at τ = 2 (interpolated at
+              other τ). Training divergences are those of `distill.sparse`, with the rest as one extra class
+              (``cache.tail: bucket``) or spread evenly over the other tokens (``uniform``).
 - ``sampled`` m draws from the teacher's distribution (Sparse Logit Sampling, Anshumann et al. 2025,
               arXiv:2503.16870), kept as distinct ids with their counts and their log-probabilities. At τ = 1
               the weights count/m are an unbiased estimate of the full distribution, so the forward-KL
@@ -15,21 +16,25 @@ What is stored, per loss token (a position whose label counts; prompt and paddin
 
 Folder layout::
 
-    manifest.json                 written last: identities, settings, token counts, one sha256 per shard
-    shard-00000.safetensors ...   ids (uint16 when the vocabulary has at most 65536 tokens, else uint32),
-                                  log-probs (float32 / float16 / 8-bit codes), offsets of each example's rows
+    manifest.json                 written last: identities, settings, token counts, one sha256 per shard and
+                                  per tokenizer file, the teacher files' (size, mtime, sha256)
+    shard-00000.safetensors ...   ids (uint16 when the vocabulary has at most 65536 tokens, else uint32; or,
+                                  with cache.pack_ids, ceil(log2 V) bits each in uint8 rows), log-probs
+                                  (float32 / float16 / 8- or 4-bit codes), offsets of each example's rows
+    tokenizer/                    the tokenizer's files, for recipes that name no other tokenizer
 
 Shards hold consecutive examples of the trainer's own example list (`distill.train.load_data`, i.e. after
 the held-out split) and end at example boundaries; row r of a shard belongs to a loss token of an example in
 order, so an example's rows are `offsets[j]:offsets[j+1]` (random access for shuffled training, through
-memory maps). With ``precision: int8`` each row stores its highest and lowest log-prob in float16 and 8-bit
-codes uniformly between them.
+memory maps). With ``precision: int8`` / ``int4`` each row stores its highest and lowest log-prob in float16
+and 8-bit / 4-bit codes uniformly between them (int4 codes two per byte).
 
 Resumable: the plan (`build.json`: identities and shard boundaries) is written first, each shard is written
 to a temporary name and renamed, the manifest last. A build killed at any moment restarts at the first
 missing shard. Shards are a pure function of the plan: teacher in eval mode, fixed examples and batches per
 shard, one seeded generator per shard for sampling; on the same machine and software a resumed build is
-byte-identical to an uninterrupted one.
+byte-identical to an uninterrupted one. Under `torchrun` / `accelerate launch` the missing shards are dealt
+out over the ranks, and the folder ends identical to a one-process build.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,10 +55,11 @@ from distill import atomic
 from distill.data import Example, collate, pad_id_of
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
-from distill.sparse import SparseTargets
+from distill.sparse import SparseTargets, tail_half_mass
 
 FORMAT = "distill-cache"
-VERSION = 1
+VERSION = 2  # 2: optional bit-packed ids, int4, the tokenizer folder, teacher file records
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PLAN = "build.json"
 _HASH_CHUNK = 1 << 20
@@ -97,23 +104,51 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()
 
 
-def teacher_hash(path: str, revision: str | None = None) -> str:
-    """sha256 of a local teacher folder's config and weight files (names and bytes); for a hub id, of the id
-    and revision only (the hub's own commit pins the rest)."""
+def teacher_files(path: str, known: dict | None = None) -> dict[str, dict]:
+    """{file name: {bytes, mtime_ns, sha256}} of a local teacher folder's config and weight files ({} for a hub id).
+
+    `known` is an earlier result for the same folder: a file whose size and modification time (in ns) are both
+    unchanged keeps its recorded sha256 instead of being read again, the same trust that make and rsync place
+    in (size, mtime). Anything else is hashed.
+    """
     folder = Path(path)
-    h = hashlib.sha256()
     if not folder.is_dir():
+        return {}
+    known = known or {}
+    files = {}
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or not (
+            file.name == "config.json" or file.suffix in {".safetensors", ".bin"} or file.name.endswith(".index.json")
+        ):
+            continue
+        stat = file.stat()
+        before = known.get(file.name, {})
+        same = before.get("bytes") == stat.st_size and before.get("mtime_ns") == stat.st_mtime_ns
+        digest = before["sha256"] if same and "sha256" in before else _sha256_file(file)
+        files[file.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return files
+
+
+def teacher_hash(path: str, revision: str | None = None, files: dict[str, dict] | None = None) -> str:
+    """sha256 of a local teacher folder's config and weight files (names and contents; `files` as given by
+    `teacher_files`, computed when omitted); for a hub id, of the id and revision only (the hub's own commit
+    pins the rest)."""
+    h = hashlib.sha256()
+    if not Path(path).is_dir():
         h.update(f"hub:{path}@{revision}".encode())
         return h.hexdigest()
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and (p.name == "config.json" or p.suffix in {".safetensors", ".bin"} or p.name.endswith(".index.json"))
-    )
-    for file in files:
-        h.update(file.name.encode() + b"\0" + _sha256_file(file).encode())
+    files = teacher_files(path) if files is None else files
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name]["sha256"].encode())
     return h.hexdigest()
+
+
+def _known_teacher_files(manifest: dict, path: str) -> dict | None:
+    """The file records an earlier build kept for the same teacher folder, if any."""
+    t = manifest.get("teacher", {})
+    if t.get("path") is None or os.path.abspath(t["path"]) != os.path.abspath(path):
+        return None
+    return t.get("files")
 
 
 def data_fingerprint(examples: Sequence[Example]) -> str:
@@ -177,47 +212,92 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- quantization
+# ---------------------------------------------------------------- quantization and bit packing
+
+_LEVELS = {"int8": 255, "int4": 15}  # highest code of each quantized precision
+_PACK_ROWS = 1 << 14  # rows packed at a time: bounds the (rows, s, bits) scratch array
+
+
+def id_bits(vocab_size: int) -> int:
+    """Bits per bit-packed id: ceil(log2 V)."""
+    return max(1, (vocab_size - 1).bit_length())
+
+
+def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """(n, s) unsigned ints below 2**bits -> (n, ceil(s·bits / 8)) uint8; each row packed on its own (low bit
+    first), so any row can be read without the others."""
+    n, s = values.shape
+    out = np.empty((n, -(-s * bits // 8)), dtype=np.uint8)
+    shifts = np.arange(bits, dtype=np.uint32)
+    for start in range(0, n, _PACK_ROWS):
+        block = values[start : start + _PACK_ROWS].astype(np.uint32)  # (b, s)
+        flat = ((block[..., None] >> shifts) & 1).astype(np.uint8).reshape(len(block), s * bits)  # (b, s·bits)
+        out[start : start + len(block)] = np.packbits(flat, axis=-1, bitorder="little")
+    return out
+
+
+def _unpack_bits(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Inverse of `_pack_bits`: (n, bytes) uint8 -> (n, width) int64."""
+    flat = np.unpackbits(packed, axis=-1, count=width * bits, bitorder="little")  # (n, width·bits)
+    weights = (1 << np.arange(bits, dtype=np.int64)).astype(np.int64)
+    return flat.reshape(len(packed), width, bits).astype(np.int64) @ weights
 
 
 def _encode_log_probs(lp: torch.Tensor, used: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
-    """(n, s) float32 log-probs -> stored arrays. int8: codes 0..255 between each row's highest and lowest
-    used log-prob (kept in float16), so the error is at most half a step of that row's own range."""
+    """(n, s) float32 log-probs -> stored arrays. int8 / int4: codes 0..255 / 0..15 between each row's highest
+    and lowest used log-prob (kept in float16), so the error is at most half a step of that row's own range;
+    int4 codes are packed two per byte."""
     if precision == "float32":
         return {"": lp.numpy().astype(np.float32)}
     if precision == "float16":
         return {"": lp.clamp_min(-65000.0).numpy().astype(np.float16)}
+    levels = _LEVELS[precision]
     finite = lp.clamp_min(-65000.0)  # (n, s) -inf (a masked teacher logit) becomes very unlikely, not NaN
     hi = torch.where(used, finite, -math.inf).amax(-1).half().float()  # (n,) rounded as stored
     lo = torch.where(used, finite, math.inf).amin(-1).half().float()  # (n,)
     hi = torch.where(torch.isfinite(hi), hi, 0.0)
     lo = torch.where(torch.isfinite(lo), lo, 0.0)
     span = (hi - lo).clamp_min(1e-12).unsqueeze(-1)  # (n, 1)
-    codes = ((hi.unsqueeze(-1) - finite) / span * 255.0).round().clamp(0, 255)  # (n, s)
-    codes = torch.where(used, codes, 0.0)
-    return {"": codes.numpy().astype(np.uint8), "_range": torch.stack([hi, lo], -1).numpy().astype(np.float16)}
+    codes = ((hi.unsqueeze(-1) - finite) / span * levels).round().clamp(0, levels)  # (n, s)
+    codes = torch.where(used, codes, 0.0).numpy().astype(np.uint8)
+    if precision == "int4":
+        codes = _pack_bits(codes, 4)
+    return {"": codes, "_range": torch.stack([hi, lo], -1).numpy().astype(np.float16)}
 
 
-def _decode_log_probs(arrays: dict[str, np.ndarray], key: str, rows: slice, precision: str) -> np.ndarray:
+def _decode_log_probs(arrays: dict[str, np.ndarray], key: str, rows: slice, precision: str, width: int) -> np.ndarray:
     stored = arrays[key][rows]
-    if precision != "int8":
+    if precision not in _LEVELS:
         return stored.astype(np.float32)
+    if precision == "int4":
+        stored = _unpack_bits(stored, 4, width)
     bounds = arrays[key + "_range"][rows].astype(np.float32)  # (n, 2): highest, lowest
     hi, lo = bounds[:, :1], bounds[:, 1:]
-    return hi + stored.astype(np.float32) / np.float32(255.0) * (lo - hi)
+    return hi + stored.astype(np.float32) / np.float32(_LEVELS[precision]) * (lo - hi)
 
 
-def bytes_per_token(representation: str, k: int, m: int, precision: str, vocab_size: int) -> dict[str, int]:
+def bytes_per_token(
+    representation: str, k: int, m: int, precision: str, vocab_size: int, pack_ids: bool = False, tail_m: int = 0
+) -> dict[str, int]:
     """Stored bytes per loss token of each representation (offsets and headers excluded)."""
-    id_bytes = 2 if vocab_size <= 65536 else 4
-    lp_bytes = {"float32": 4, "float16": 2, "int8": 1}[precision]
+
+    def ids(width: int) -> int:
+        if pack_ids:
+            return -(-width * id_bits(vocab_size) // 8)
+        return width * (2 if vocab_size <= 65536 else 4)
+
+    def log_probs(width: int) -> int:
+        return {"float32": 4 * width, "float16": 2 * width, "int8": width, "int4": -(-width // 2)}[precision]
+
     rest_bytes = 4 if precision == "float32" else 2
-    extra = 4 if precision == "int8" else 0  # the per-row float16 range of the codes
+    extra = 4 if precision in _LEVELS else 0  # the per-row float16 range of the codes
     out = {}
     if representation in ("top_k", "both"):
-        out["top_k"] = k * (id_bytes + lp_bytes) + rest_bytes + extra
+        out["top_k"] = ids(k) + log_probs(k) + 2 * rest_bytes + extra  # rest mass and its √p sum
+        if tail_m:
+            out["top_k"] += ids(tail_m) + tail_m + log_probs(tail_m) + extra  # tail draws: ids, counts, log-probs
     if representation in ("sampled", "both"):
-        out["sampled"] = m * (id_bytes + 1 + lp_bytes) + extra
+        out["sampled"] = ids(m) + m + log_probs(m) + extra  # + one uint8 count per draw
     return out
 
 
@@ -236,14 +316,23 @@ def _plan_shards(examples: Sequence[Example], shard_tokens: int) -> list[dict]:
     return shards
 
 
-def _build_plan(recipe, tokenizer, examples: Sequence[Example], vocab_size: int) -> dict:
+def _build_plan(
+    recipe, tokenizer, examples: Sequence[Example], vocab_size: int, known_files: dict | None = None
+) -> dict:
     t, d, c = recipe.teacher, recipe.data, recipe.cache
+    files = teacher_files(t.path, known_files)
     stores_top_k = c.representation in ("top_k", "both")
     stores_sampled = c.representation in ("sampled", "both")
     return {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": {"path": t.path, "revision": t.revision, "dtype": t.dtype, "hash": teacher_hash(t.path, t.revision)},
+        "teacher": {
+            "path": t.path,
+            "revision": t.revision,
+            "dtype": t.dtype,
+            "hash": teacher_hash(t.path, t.revision, files),
+            "files": files,  # sizes and mtimes let a later run skip re-hashing unchanged weights
+        },
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "data": {
             "train": d.train,
@@ -256,8 +345,11 @@ def _build_plan(recipe, tokenizer, examples: Sequence[Example], vocab_size: int)
         },
         "vocab_size": vocab_size,
         "id_dtype": "uint16" if vocab_size <= 65536 else "uint32",
+        "id_bits": id_bits(vocab_size) if c.pack_ids else None,
         "representation": c.representation,
         "top_k": min(c.top_k, vocab_size) if stores_top_k else None,
+        "top_k_arrays": ["ids", "log_probs", "log_rest", "log_rest_half"] if stores_top_k else None,
+        "tail_samples": c.tail_samples if stores_top_k and c.tail_samples else None,
         "sample_m": c.sample_m if stores_sampled else None,
         "precision": c.precision,
         "seed": recipe.training.seed,
@@ -271,13 +363,33 @@ def _first_difference(before: dict, now: dict) -> str | None:
     """The recipe key (or identity) that makes an existing plan or manifest `before` differ from `now`."""
     planned = ("file", "first_example", "examples", "tokens")
     before = {**before, "shards": [{k: s.get(k) for k in planned} for s in before.get("shards", [])]}
+    # The teacher by content: its files' recorded mtimes may change (a copy, a touch) without changing it.
+    before["teacher"] = {k: v for k, v in before.get("teacher", {}).items() if k != "files"}
+    now = {**now, "teacher": {k: v for k, v in now.get("teacher", {}).items() if k != "files"}}
     for key in ("format", "version", "teacher", "tokenizer_hash", "data", "vocab_size", "shards"):
         if before.get(key) != now.get(key):
             return {"tokenizer_hash": "tokenizer", "shards": "cache.shard_tokens"}.get(key, key)
-    for key in ("representation", "top_k", "sample_m", "precision", "seed", "teacher_batch_size"):
+    for key in ("representation", "top_k", "top_k_arrays", "tail_samples", "sample_m", "precision", "id_bits", "seed"):
         if before.get(key) != now.get(key):
-            return {"seed": "training.seed", "teacher_batch_size": "cache.batch_size"}.get(key, f"cache.{key}")
+            names = {"seed": "training.seed", "id_bits": "cache.pack_ids", "top_k_arrays": "format"}
+            return names.get(key, f"cache.{key}")
+    if before.get("teacher_batch_size") != now.get("teacher_batch_size"):
+        return "cache.batch_size"
     return None
+
+
+def _draw(lp: torch.Tensor, m: int, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """m draws with replacement from each row's distribution exp(lp) (unnormalized is fine), as (n, m) distinct
+    ids sorted by id and their (n, m) counts; unused slots last, with id 0 and count 0."""
+    weights = lp.exp()  # (n, V)
+    empty = weights.sum(-1, keepdim=True) == 0  # (n, 1) a tail without mass: draw anything, count nothing
+    draws = torch.multinomial(torch.where(empty, 1.0, weights), m, replacement=True, generator=generator)  # (n, m)
+    counts = torch.zeros_like(lp).scatter_add_(-1, draws, torch.where(empty, 0.0, torch.ones(draws.shape)))
+    count, ids = counts.topk(m, dim=-1)  # (n, m) the distinct drawn ids come first
+    key = torch.where(count > 0, ids, vocab)  # canonical order: by id, unused slots last
+    order = key.argsort(dim=-1, stable=True)
+    ids, count = ids.gather(-1, order), count.gather(-1, order)
+    return torch.where(count > 0, ids, 0), count
 
 
 @torch.no_grad()
@@ -286,7 +398,8 @@ def _shard_arrays(teacher, examples: Sequence[Example], plan: dict, index: int, 
     shard = plan["shards"][index]
     chosen = examples[shard["first_example"] : shard["first_example"] + shard["examples"]]
     vocab, k, m, precision = plan["vocab_size"], plan["top_k"], plan["sample_m"], plan["precision"]
-    id_dtype = np.dtype(plan["id_dtype"])
+    m_tail = plan.get("tail_samples")
+    id_dtype, bits = np.dtype(plan["id_dtype"]), plan.get("id_bits")
     generator = torch.Generator().manual_seed(plan["seed"] * 1_000_003 + index)  # one stream per shard
     parts: dict[str, list[torch.Tensor]] = {}
 
@@ -304,31 +417,46 @@ def _shard_arrays(teacher, examples: Sequence[Example], plan: dict, index: int, 
             top_lp, top_ids = lp.topk(k, dim=-1)  # (n, k), (n, k)
             add("ids", top_ids)
             add("log_probs", top_lp)
-            add("log_rest", lp.scatter(-1, top_ids, _NEG_INF).logsumexp(-1))  # (n,) no 1 − Σp cancellation
+            tail = lp.scatter(-1, top_ids, _NEG_INF)  # (n, V) the others' log-probs
+            add("log_rest", tail.logsumexp(-1))  # (n,) no 1 − Σp cancellation
+            add("log_rest_half", tail_half_mass(tail))  # (n,) log Σ √p: the tail's mass at τ = 2
+            if m_tail:
+                # Draws from the tail alone (p restricted to the others, renormalized): what top-k cannot say.
+                ids, count = _draw(tail, m_tail, vocab, generator)
+                add("tail_ids", ids)
+                add("tail_counts", count)
+                add("tail_log_probs", torch.where(count > 0, lp.gather(-1, ids), 0.0))
         if m is not None:
-            draws = torch.multinomial(lp.exp(), m, replacement=True, generator=generator)  # (n, m)
-            counts = torch.zeros_like(lp).scatter_add_(-1, draws, torch.ones(draws.shape))  # (n, V)
-            count, ids = counts.topk(m, dim=-1)  # (n, m) the distinct drawn ids come first
-            key = torch.where(count > 0, ids, vocab)  # canonical order: by id, unused slots last
-            order = key.argsort(dim=-1, stable=True)
-            ids, count = ids.gather(-1, order), count.gather(-1, order)
-            ids = torch.where(count > 0, ids, 0)
+            ids, count = _draw(lp, m, vocab, generator)
             add("sample_ids", ids)
             add("sample_counts", count)
             add("sample_log_probs", torch.where(count > 0, lp.gather(-1, ids), 0.0))
 
     joined = {name: torch.cat(values) for name, values in parts.items()}
     arrays: dict[str, np.ndarray] = {}
+
+    def store_ids(name: str, ids: torch.Tensor) -> None:
+        if bits:
+            arrays[name + "_packed"] = _pack_bits(ids.numpy(), bits)  # (n, ceil(s·bits/8)) uint8
+        else:
+            arrays[name] = ids.numpy().astype(id_dtype)
+
     if k is not None:
-        arrays["ids"] = joined["ids"].numpy().astype(id_dtype)
+        store_ids("ids", joined["ids"])
         for suffix, a in _encode_log_probs(
             joined["log_probs"], torch.ones_like(joined["ids"], dtype=torch.bool), precision
         ).items():
             arrays["log_probs" + suffix] = a
-        rest = joined["log_rest"].numpy()
-        arrays["log_rest"] = rest.astype(np.float32 if precision == "float32" else np.float16)
+        for name in ("log_rest", "log_rest_half"):
+            arrays[name] = joined[name].numpy().astype(np.float32 if precision == "float32" else np.float16)
+        if m_tail:
+            store_ids("tail_ids", joined["tail_ids"])
+            arrays["tail_counts"] = joined["tail_counts"].numpy().astype(np.uint8)
+            used = joined["tail_counts"] > 0
+            for suffix, a in _encode_log_probs(joined["tail_log_probs"], used, precision).items():
+                arrays["tail_log_probs" + suffix] = a
     if m is not None:
-        arrays["sample_ids"] = joined["sample_ids"].numpy().astype(id_dtype)
+        store_ids("sample_ids", joined["sample_ids"])
         arrays["sample_counts"] = joined["sample_counts"].numpy().astype(np.uint8)
         used = joined["sample_counts"] > 0
         for suffix, a in _encode_log_probs(joined["sample_log_probs"], used, precision).items():
@@ -341,10 +469,58 @@ def _shard_arrays(teacher, examples: Sequence[Example], plan: dict, index: int, 
     return arrays
 
 
-def _pick_device(recipe) -> torch.device:
+def _pick_device(recipe, local_rank: int) -> torch.device:
     if recipe.training.device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+class _Ranks:
+    """The processes building one cache together: this one alone, or those of `torchrun` / `accelerate launch`.
+
+    Only barriers cross processes (every rank computes the same plan from the same files), so a gloo group is
+    enough on GPUs too. The group is created only when the launcher's WORLD_SIZE > 1 and none exists yet, and
+    torn down again by whoever created it.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist, self._owned = dist, False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+            dist.init_process_group("gloo")
+            self._owned = True
+        active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if active else 0
+        self.world = dist.get_world_size() if active else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank)) if active else 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._dist.barrier()
+
+    def close(self) -> None:
+        if self._owned:
+            self._dist.destroy_process_group()
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def _save_tokenizer(tokenizer, root: Path) -> None:
+    """The tokenizer's files in `root/tokenizer` (written to a temporary folder, then renamed), so that a
+    recipe with only `teacher.cache` can train without naming one."""
+    final = root / TOKENIZER_DIR
+    if final.is_dir():
+        return
+    tmp = root / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, final)
+
+
+def _tokenizer_files(root: Path) -> dict[str, str]:
+    folder = root / TOKENIZER_DIR
+    return {p.name: _sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
 
 
 def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool = True) -> Path:
@@ -352,7 +528,18 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
 
     Restarting after a kill continues at the first missing shard; a finished cache with the same plan is left
     as it is. A folder holding a different cache (other teacher, data, tokenizer or settings) is an error.
+    Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) the missing shards are dealt out round-robin over
+    the ranks and rank 0 writes the plan and, once every rank is done, the manifest: the folder ends identical
+    to a one-process build.
     """
+    ranks = _Ranks()
+    try:
+        return _build(recipe, ranks, log if ranks.rank == 0 else (lambda _: None), show_progress)
+    finally:
+        ranks.close()
+
+
+def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
     from distill.models import check_vocabulary, load_model, load_tokenizer, resolve_dtype
     from distill.train import load_data
 
@@ -365,62 +552,88 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
     tokenizer = load_tokenizer(tokenizer_source, "teacher", t.trust_remote_code, t.revision)
     examples, _ = load_data(recipe, tokenizer, log)
     vocab_size = len(tokenizer)
-    plan = _build_plan(recipe, tokenizer, examples, vocab_size)
-
     root = Path(c.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for path, what in ((root / MANIFEST, "a finished"), (root / PLAN, "an unfinished")):
-        if path.exists():
-            before = json.loads(path.read_text(encoding="utf-8"))
-            difference = _first_difference(before, plan)
+
+    # Every rank reads the folder before anyone writes to it, so all of them decide the same way.
+    existing = {}
+    for name in (MANIFEST, PLAN):
+        if (root / name).exists():
+            existing[name] = json.loads((root / name).read_text(encoding="utf-8"))
+    known = next((_known_teacher_files(m, t.path) for m in existing.values()), None)
+    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known)
+    for name, what in ((MANIFEST, "a finished"), (PLAN, "an unfinished")):
+        if name in existing:
+            difference = _first_difference(existing[name], plan)
             if difference is not None:
                 raise DistillError(
                     f"cache.dir {root} holds {what} cache built with a different {difference}; "
                     "choose another cache.dir or delete that folder"
                 )
-            if what == "a finished":
-                log(f"cache {root} is already complete ({plan['data']['loss_tokens']} tokens)")
-                return root
-    if not (root / PLAN).exists():
-        atomic.write_json(root / PLAN, plan)
-    for leftover in root.glob(".*.tmp-*"):  # a killed run's half-written shard
-        leftover.unlink(missing_ok=True)
+    if MANIFEST in existing:
+        log(f"cache {root} is already complete ({plan['data']['loss_tokens']} tokens)")
+        return root
+    ranks.barrier()  # everyone has looked; now rank 0 may write
+    if ranks.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".*.tmp-*"):  # a killed run's half-written shard or tokenizer
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        if PLAN not in existing:
+            atomic.write_json(root / PLAN, plan)
+        _save_tokenizer(tokenizer, root)
+    ranks.barrier()
 
     missing = [i for i, s in enumerate(plan["shards"]) if not (root / s["file"]).exists()]
+    mine = missing[ranks.rank :: ranks.world]  # round-robin over the ranks; each shard is written by one
     done = len(plan["shards"]) - len(missing)
-    if missing:
-        device = _pick_device(recipe)
+    if mine:
+        device = _pick_device(recipe, ranks.local_rank)
         teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
         teacher.eval().requires_grad_(False).to(device)
         check_vocabulary(tokenizer, teacher, None)
         log(
             f"cache: {len(examples)} examples, {plan['data']['loss_tokens']} loss tokens, {len(plan['shards'])} shards"
             + (f" ({done} already written)" if done else "")
+            + (f", {ranks.world} processes" if ranks.world > 1 else "")
         )
         pad_id = pad_id_of(tokenizer)
-        for i in missing:
+        for n, i in enumerate(mine, 1):
             arrays = _shard_arrays(teacher, examples, plan, i, pad_id, device)
             _write_bytes_atomic(root / plan["shards"][i]["file"], _encode_safetensors(arrays))
-            done += 1
             if show_progress:
-                log(f"cache: shard {done}/{len(plan['shards'])} written")
+                log(f"cache: shard {done + n * ranks.world}/{len(plan['shards'])} written")
+    ranks.barrier()  # every shard exists
 
+    if ranks.rank == 0:
+        _write_manifest(root, plan, c, vocab_size, log)
+    ranks.barrier()  # nobody returns before the manifest exists
+    return root
+
+
+def _write_manifest(root: Path, plan: dict, c, vocab_size: int, log: Callable[[str], None]) -> None:
     manifest = dict(plan)
     manifest["shards"] = [
         {**s, "bytes": (root / s["file"]).stat().st_size, "sha256": _sha256_file(root / s["file"])}
         for s in plan["shards"]
     ]
+    manifest["tokenizer_files"] = _tokenizer_files(root)
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     manifest["bytes"] = total_bytes
     manifest["bytes_per_token"] = {
-        **bytes_per_token(c.representation, c.top_k, c.sample_m, c.precision, vocab_size),
+        **bytes_per_token(
+            plan["representation"],
+            plan["top_k"] or 0,
+            plan["sample_m"] or 0,
+            plan["precision"],
+            vocab_size,
+            c.pack_ids,
+            plan.get("tail_samples") or 0,
+        ),
         "files": total_bytes / max(1, plan["data"]["loss_tokens"]),
     }
     atomic.write_json(root / MANIFEST, manifest)
     (root / PLAN).unlink(missing_ok=True)
     per_token = manifest["bytes_per_token"]["files"]
     log(f"cache written to {root}: {total_bytes / 2**20:.1f} MiB, {per_token:.1f} bytes per loss token")
-    return root
 
 
 # ---------------------------------------------------------------- checking
@@ -436,7 +649,7 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DistillError(f"teacher cache {root}: cannot read {MANIFEST} ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise DistillError(f"teacher cache {root}: not a {FORMAT} v{VERSION} folder")
     return manifest
 
@@ -458,6 +671,9 @@ def verify_cache(root: str | Path, raise_on_problem: bool = True) -> list[str]:
             problems.append(f"shard {shard['file']} is corrupt (size {path.stat().st_size}, expected {shard['bytes']})")
         elif _sha256_file(path) != shard["sha256"]:
             problems.append(f"shard {shard['file']} is corrupt (checksum mismatch)")
+    recorded = manifest.get("tokenizer_files")
+    if recorded and _tokenizer_files(root) != recorded:
+        problems.append(f"{TOKENIZER_DIR}/ does not match the manifest (missing or changed files)")
     if problems and raise_on_problem:
         more = f" (and {len(problems) - 1} more bad shards)" if len(problems) > 1 else ""
         raise DistillError(f"teacher cache {root}: {problems[0]}{more}")
@@ -483,20 +699,61 @@ def sampled_targets(
     log_w = log_w - log_w.logsumexp(-1, keepdim=True)
     log_w = torch.where(used, log_w * temperature, _NEG_INF)
     ids = torch.where(used, ids.long(), -1)
-    return SparseTargets(ids, log_w, torch.full(ids.shape[:1], _NEG_INF))
+    # Stored as distinct ids with counts, so no id repeats; the rest is empty, so the tail treatment is moot.
+    return SparseTargets(ids, log_w, torch.full(ids.shape[:1], _NEG_INF), distinct=True)
+
+
+def with_tail_samples(
+    ids: torch.Tensor,
+    log_probs: torch.Tensor,
+    log_rest: torch.Tensor,
+    tail_ids: torch.Tensor,
+    tail_counts: torch.Tensor,
+    tail_log_probs: torch.Tensor,
+    temperature: float,
+) -> SparseTargets:
+    """Top-k targets whose tail is estimated from draws instead of lumped into one bucket.
+
+    ids, log_probs (n, k) and log_rest (n,) as in `SparseTargets`; tail_ids, tail_counts, tail_log_probs (n, m):
+    distinct ids drawn m times from the tail alone (p / rest over the other tokens), their counts (0 = unused
+    slot) and their log-probabilities at τ = 1. The estimate of the tail's mass at temperature τ on a drawn
+    id j is (count_j / m) · rest · p_j^(1/τ − 1) (importance weights: exactly count_j/m · rest at τ = 1, an
+    unbiased estimate of p_j, so the forward-KL gradient stays unbiased while the head is exact). `distill.sparse`
+    divides stored log-probs by τ, so τ times the log of that estimate is stored; nothing is left in the rest.
+    """
+    used = tail_counts > 0  # (n, m)
+    m = tail_counts.shape[-1]
+    log_est = (tail_counts.float() / m).log() + log_rest.float().unsqueeze(-1)  # (n, m) at τ = 1
+    log_est = log_est + (1.0 / temperature - 1.0) * tail_log_probs.float()
+    tail_lp = torch.where(used, log_est * temperature, _NEG_INF)  # (n, m)
+    return SparseTargets(
+        torch.cat([ids.long(), torch.where(used, tail_ids.long(), -1)], dim=-1),  # (n, k + m)
+        torch.cat([log_probs.float(), tail_lp], dim=-1),  # (n, k + m)
+        torch.full_like(log_rest.float(), _NEG_INF),
+        distinct=True,  # tail draws are distinct and never among the top-k
+    )
 
 
 class CacheReader:
     """Random access to a finished cache by example index, for the training loop."""
 
     def __init__(
-        self, root: Path, manifest: dict, examples: Sequence[Example], representation: str, temperature: float
+        self,
+        root: Path,
+        manifest: dict,
+        examples: Sequence[Example],
+        representation: str,
+        temperature: float,
+        tail: str = "bucket",
     ):
         self.root, self.manifest, self.examples = root, manifest, examples
-        self.representation, self.temperature = representation, temperature
+        self.representation, self.temperature, self.tail = representation, temperature, tail
+        self._bits = manifest.get("id_bits")
+        self._tail_m = manifest.get("tail_samples") if representation == "top_k" else None
         self._firsts = np.array([s["first_example"] for s in manifest["shards"]], dtype=np.int64)
         self._open: dict[int, dict[str, np.ndarray]] = {}
-        self.width = manifest["top_k"] if representation == "top_k" else manifest["sample_m"]
+        self._stored = manifest["top_k"] if representation == "top_k" else manifest["sample_m"]  # slots per row
+        self.width = self._stored + (self._tail_m or 0)  # slots per row of the targets
 
     def _shard(self, index: int) -> dict[str, np.ndarray]:
         if index not in self._open:
@@ -510,23 +767,43 @@ class CacheReader:
         j = example - self.manifest["shards"][s]["first_example"]
         rows = slice(int(arrays["offsets"][j]), int(arrays["offsets"][j + 1]))
         precision = self.manifest["precision"]
+        prefix = "" if self.representation == "top_k" else "sample_"
+        if self._bits:
+            ids = _unpack_bits(arrays[prefix + "ids_packed"][rows], self._bits, self._stored)
+        else:
+            ids = arrays[prefix + "ids"][rows]
+        lp = _decode_log_probs(arrays, prefix + "log_probs", rows, precision, self._stored)
         if self.representation == "top_k":
-            return {
-                "ids": arrays["ids"][rows],
-                "log_probs": _decode_log_probs(arrays, "log_probs", rows, precision),
-                "log_rest": arrays["log_rest"][rows],
-            }
-        return {
-            "ids": arrays["sample_ids"][rows],
-            "counts": arrays["sample_counts"][rows],
-            "log_probs": _decode_log_probs(arrays, "sample_log_probs", rows, precision),
-        }
+            out = {"ids": ids, "log_probs": lp, "log_rest": arrays["log_rest"][rows]}
+            if "log_rest_half" in arrays:  # absent from caches of format version 1
+                out["log_rest_half"] = arrays["log_rest_half"][rows]
+            if self._tail_m:
+                if self._bits:
+                    out["tail_ids"] = _unpack_bits(arrays["tail_ids_packed"][rows], self._bits, self._tail_m)
+                else:
+                    out["tail_ids"] = arrays["tail_ids"][rows]
+                out["tail_counts"] = arrays["tail_counts"][rows]
+                out["tail_log_probs"] = _decode_log_probs(arrays, "tail_log_probs", rows, precision, self._tail_m)
+            return out
+        return {"ids": ids, "counts": arrays["sample_counts"][rows], "log_probs": lp}
 
     def _to_targets(self, rows: dict[str, np.ndarray]) -> SparseTargets:
         ids = torch.from_numpy(rows["ids"].astype(np.int64))
         lp = torch.from_numpy(rows["log_probs"])
         if self.representation == "top_k":
-            return SparseTargets(ids, lp, torch.from_numpy(rows["log_rest"].astype(np.float32)))
+            rest = torch.from_numpy(rows["log_rest"].astype(np.float32))
+            if self._tail_m:
+                return with_tail_samples(
+                    ids,
+                    lp,
+                    rest,
+                    torch.from_numpy(rows["tail_ids"].astype(np.int64)),
+                    torch.from_numpy(rows["tail_counts"].astype(np.int64)),
+                    torch.from_numpy(rows["tail_log_probs"]),
+                    self.temperature,
+                )
+            half = torch.from_numpy(rows["log_rest_half"].astype(np.float32)) if "log_rest_half" in rows else None
+            return SparseTargets(ids, lp, rest, distinct=True, tail=self.tail, log_rest_half=half)  # ids never repeat
         return sampled_targets(ids, torch.from_numpy(rows["counts"].astype(np.int64)), lp, self.temperature)
 
     def example_targets(self, example: int) -> SparseTargets:
@@ -556,7 +833,10 @@ class CacheReader:
         ids = torch.full((n, self.width), -1, dtype=torch.long).index_copy_(0, where, stored.ids)  # (B·width, s)
         lp = torch.full((n, self.width), _NEG_INF).index_copy_(0, where, stored.log_probs)  # (B·width, s)
         rest = torch.zeros(n).index_copy_(0, where, stored.log_rest)  # (B·width,)
-        targets = SparseTargets(ids, lp, rest)
+        half = None
+        if stored.log_rest_half is not None:
+            half = torch.zeros(n).index_copy_(0, where, stored.log_rest_half)  # (B·width,)
+        targets = SparseTargets(ids, lp, rest, distinct=True, tail=stored.tail, log_rest_half=half)
         return targets.to(device) if device is not None else targets
 
 
@@ -581,7 +861,11 @@ def open_cache_for_training(
             "data.packing, data.eval and training.seed)"
         )
     t = recipe.teacher
-    if t.path is not None and manifest["teacher"]["hash"] != teacher_hash(t.path, t.revision):
+    # Re-hashes only weight files whose size or mtime differ from the build's record (see `teacher_files`).
+    known = _known_teacher_files(manifest, t.path) if t.path is not None else None
+    if t.path is not None and manifest["teacher"]["hash"] != teacher_hash(
+        t.path, t.revision, teacher_files(t.path, known) if Path(t.path).is_dir() else None
+    ):
         raise DistillError(f"{where}: built with a different teacher than teacher.path {t.path}")
     if vocab_size is not None and manifest["vocab_size"] != vocab_size:
         raise DistillError(
@@ -597,4 +881,17 @@ def open_cache_for_training(
         path = root / shard["file"]
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             raise DistillError(f"{where}: shard {shard['file']} is missing or truncated (run `distill cache verify`)")
-    return CacheReader(root, manifest, examples, choice, recipe.objective.temperature)
+    return CacheReader(root, manifest, examples, choice, recipe.objective.temperature, recipe.cache.tail)
+
+
+def cache_tokenizer_dir(root: str | Path) -> Path | None:
+    """The tokenizer folder stored with a finished cache, its files checked against the manifest; None for a
+    cache built before tokenizers were stored. For recipes that train from `teacher.cache` and name neither
+    teacher.path nor student.tokenizer."""
+    root = Path(root)
+    recorded = read_manifest(root).get("tokenizer_files")
+    if not recorded:
+        return None
+    if _tokenizer_files(root) != recorded:
+        raise DistillError(f"teacher cache {root}: the files of {TOKENIZER_DIR}/ do not match the manifest")
+    return root / TOKENIZER_DIR

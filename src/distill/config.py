@@ -190,6 +190,9 @@ class CacheConfig(Section):
         "float16", description="Storage of log-probs; int8/int4 = 8/4-bit codes over each token's own range."
     )
     pack_ids: bool = Field(False, description="Store ids in ceil(log2 V) bits each instead of 16/32.")
+    tail_samples: int = Field(
+        0, ge=0, le=255, description="top_k: also draw this many tokens from the teacher's tail (0 = none)."
+    )
     tail: Literal["bucket", "uniform"] = Field(
         "bucket", description="Top-k training: the rest mass as one extra class, or spread evenly over the others."
     )
@@ -264,7 +267,8 @@ class Recipe(Section):
             raise DistillError("recipe key student: give student.path, student.config or student.from_teacher")
         if self.student.from_teacher is not None and self.teacher.path is None:
             raise DistillError("recipe key student.from_teacher: needs teacher.path to prune from")
-        if self.teacher.path is None and self.student.tokenizer is None and self.student.path is None:
+        no_tokenizer = self.student.tokenizer is None and self.student.path is None and self.teacher.cache is None
+        if self.teacher.path is None and no_tokenizer:
             raise DistillError("recipe key student.tokenizer: a new student without a teacher needs a tokenizer")
 
     def _check_on_policy(self) -> None:

@@ -10,38 +10,58 @@ choice). `SparseTargets` holds, for each of N tokens:
                               an unused slot.
 - ``log_rest``  (N,)   float  log of the teacher's remaining probability mass, log(1 − Σ top-k probs); -inf when
                               the k ids hold all of it.
+- ``distinct``  bool          a promise that no id appears in two used slots of a row (true of top-k targets and
+                              of the cache's merged samples). Without it the same id may repeat (its probabilities
+                              add up) and the loss first merges repeats, which costs an (N, k, k) comparison.
+- ``tail``      str           how the rest mass enters the divergence, see below: "bucket" or "uniform".
+- ``log_rest_half`` (N,) float or None  log Σ √p over the tokens outside the ids: the tail's mass at
+                              temperature 2 before normalizing, which lets τ ≠ 1 get the tail's tempered mass
+                              right instead of assuming the tail is flat (see below).
 
-The same id may appear in several used slots (a sampled representation can produce repeats); its
-probabilities add up, as if it appeared once with the sum.
+The teacher at temperature τ. The id buckets are log p_i / τ and the tail bucket is f(1/τ), where
+f(α) = log Σ_tail p_j^α; the k'+1 values are renormalized. f(1) = log_rest is stored, so τ = 1 is exact. For
+τ ≠ 1, f is convex in α with f(0) = log(V − k') (k' = number of distinct used ids; every other token counted):
 
-How a divergence is defined on these targets. Both distributions are coarse-grained to the same (k+1)
-outcomes: each distinct used id, and "every other token of the vocabulary". The divergence is
-`losses.divergence_from_log_probs` between the two coarse distributions, times τ² as in
-`losses.token_divergence`.
+- without ``log_rest_half`` the tail is assumed flat, f(α) = log(V − k') + α·(log_rest − log(V − k')), the chord
+  from f(0) to f(1); by convexity this overstates the tail's tempered mass for τ > 1, which at τ = 2, k = 32
+  left the loss 20–30% below the online one on a peaked teacher;
+- with ``log_rest_half`` = f(½), f is the parabola through f(0), f(½), f(1) for 1/τ ≤ 1: exact at τ = 2 (and
+  τ → ∞), convex, and never above the chord; for τ < 1 the secant through f(½), f(1) is extended.
 
-- Teacher at temperature τ: the id buckets are log p_i / τ; for the tail, the mass is assumed spread uniformly
-  over the V − k' other tokens (k' = number of distinct used ids), so each has log-probability
-  r = log_rest − log(V − k') and the bucket is log(V − k') + r / τ. The k'+1 values are renormalized
-  (log-softmax). At τ = 1 this is exactly the teacher's coarse distribution; at τ ≠ 1 the uniform-tail
-  assumption is the only approximation.
-- Student at temperature τ: its log-softmax at τ gathered at the ids, and the tail = logsumexp of its
-  log-probabilities over all other tokens (computed by masking the ids out, so nothing cancels).
+How the tail enters the divergence (`tail`):
 
-Consequences: at τ = 1 the value is exact whenever the teacher's tail is uniform or empty relative to the
-student — in particular it equals the dense divergence when k = V − 1, and, when the teacher has exactly k
-non-zero tokens, for every divergence that stays finite there (all but reverse_kl, jsd with β = 1 and
-skew_reverse_kl with α = 0). In general coarse-graining can only lower an f-divergence (data processing), so
-the sparse value is a lower bound of the dense one at τ = 1.
+- ``bucket``   both distributions are coarse-grained to the same k'+1 outcomes (each used id, and "any other
+               token"); the divergence is `losses.divergence_from_log_probs` between them. The student's tail is
+               the logsumexp of its log-probabilities over all other tokens. Coarse-graining can only lower an
+               f-divergence (data processing), so at τ = 1 this is a lower bound of the dense value: nothing is
+               said about the shape of the student's tail.
+- ``uniform``  the teacher is taken as a full distribution over the vocabulary, its tail mass spread evenly over
+               the other tokens, and the divergence is the dense one against that. It adds, for forward KL,
+               tail mass × KL(uniform ‖ student's normalized tail): the student's tail is pulled toward flat
+               instead of being left alone, which is what a tempered (flatter) teacher's tail looks like.
+
+A third way needs no rule: draws from the tail stored next to the top-k (`distill.cache.with_tail_samples`,
+``cache.tail_samples``) become extra ids with estimated probabilities, and log_rest is -inf.
+
+Both rules are exact (equal the dense divergence) when k = V − 1, and when the teacher has exactly k non-zero tokens
+for every divergence that stays finite there (all but reverse_kl, jsd with β = 1 and skew_reverse_kl with
+α = 0). Values are times τ² as in `losses.token_divergence`.
+
+Forward KL (and jsd β = 0, skew_forward_kl α = 0, which are forward KL) has a closed-form gradient,
+τ·(p_student − q) with q the teacher's (bucket: per-token) target, so it skips autograd through the (N, V)
+softmax; the other divergences go through autograd.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from distill.losses import IGNORE_INDEX, LOG_PROB_FLOOR, divergence_from_log_probs, log_probs, token_cross_entropy
 
+TAILS = ("bucket", "uniform")
 _NEG_INF = float("-inf")
 
 
@@ -52,6 +72,9 @@ class SparseTargets:
     ids: torch.Tensor  # (N, k) int64, -1 = unused slot
     log_probs: torch.Tensor  # (N, k) float, temperature 1, -inf = unused slot
     log_rest: torch.Tensor  # (N,) float, log of the mass outside the ids
+    distinct: bool = False  # no id repeats among a row's used slots
+    tail: str = "bucket"  # how the rest mass enters the divergence: "bucket" | "uniform"
+    log_rest_half: torch.Tensor | None = None  # (N,) log Σ_tail √p, for τ ≠ 1
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 2 or self.ids.shape != self.log_probs.shape or self.log_rest.shape != self.ids.shape[:1]:
@@ -59,18 +82,42 @@ class SparseTargets:
                 f"sparse targets need ids (N, k), log_probs (N, k), log_rest (N,); got {tuple(self.ids.shape)}, "
                 f"{tuple(self.log_probs.shape)}, {tuple(self.log_rest.shape)}"
             )
+        if self.log_rest_half is not None and self.log_rest_half.shape != self.log_rest.shape:
+            raise ValueError(f"log_rest_half needs shape {tuple(self.log_rest.shape)}")
+        if self.tail not in TAILS:
+            raise ValueError(f"unknown tail treatment {self.tail!r}; choose one of {', '.join(TAILS)}")
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def select(self, index: torch.Tensor) -> SparseTargets:
-        """The targets of the tokens at `index` (a 1-D long tensor of row numbers)."""
-        return SparseTargets(
-            self.ids.index_select(0, index), self.log_probs.index_select(0, index), self.log_rest.index_select(0, index)
+    def _map(self, rows) -> SparseTargets:
+        """The same targets with `rows` applied to every per-token tensor."""
+        half = rows(self.log_rest_half) if self.log_rest_half is not None else None
+        return dataclasses.replace(
+            self, ids=rows(self.ids), log_probs=rows(self.log_probs), log_rest=rows(self.log_rest), log_rest_half=half
         )
 
+    def select(self, index: torch.Tensor) -> SparseTargets:
+        """The targets of the tokens at `index` (a 1-D long tensor of row numbers)."""
+        return self._map(lambda t: t.index_select(0, index))
+
     def to(self, device: torch.device | str) -> SparseTargets:
-        return SparseTargets(self.ids.to(device), self.log_probs.to(device), self.log_rest.to(device))
+        return self._map(lambda t: t.to(device))
+
+    @torch.no_grad()
+    def merged(self) -> SparseTargets:
+        """The same targets with repeated ids merged into their first slot (probabilities added), unused slots
+        as id -1 / -inf, and `distinct` set. A no-op when `distinct` is already set."""
+        if self.distinct:
+            return self
+        ids, lp = self.ids, self.log_probs.float()
+        used = (ids >= 0) & (lp > _NEG_INF)  # (n, k)
+        same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & used.unsqueeze(-1) & used.unsqueeze(-2)  # (n, k, k)
+        first = used & ~same.tril(-1).any(-1)  # (n, k): no earlier slot holds the same id
+        total = torch.where(same, lp.unsqueeze(-2), _NEG_INF).logsumexp(-1)  # (n, k): log Σ p over equal ids
+        return dataclasses.replace(
+            self, ids=torch.where(first, ids, -1), log_probs=torch.where(first, total, _NEG_INF), distinct=True
+        )
 
 
 @torch.no_grad()
@@ -83,38 +130,138 @@ def top_k_targets(teacher_logits: torch.Tensor, k: int, vocab_size: int | None =
     logits = teacher_logits[..., :vocab_size] if vocab_size is not None else teacher_logits
     lp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     top_lp, top_ids = lp.topk(k, dim=-1)  # (N, k), (N, k)
-    log_rest = lp.scatter(-1, top_ids, _NEG_INF).logsumexp(-1)  # (N,)
-    return SparseTargets(top_ids, top_lp, log_rest)
+    tail = lp.scatter(-1, top_ids, _NEG_INF)  # (N, V) the others' log-probs
+    return SparseTargets(top_ids, top_lp, tail.logsumexp(-1), distinct=True, log_rest_half=tail_half_mass(tail))
 
 
-def _teacher_buckets(targets: SparseTargets, temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher's coarse log-distribution at τ over (ids, tail), and the mask of first occurrences of used ids.
+def tail_half_mass(tail_log_probs: torch.Tensor) -> torch.Tensor:
+    """log Σ √p over a row's tail tokens, given their log-probs (-inf elsewhere). (N, V) -> (N,)."""
+    return (0.5 * tail_log_probs).logsumexp(-1)
 
-    Returns (n, k+1) floored float32 log-probabilities and an (n, k) bool mask; a non-first or unused slot has
-    a floored (zero-probability) bucket.
+
+def _tempered_tail(
+    log_rest: torch.Tensor, log_rest_half: torch.Tensor | None, log_others: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """f(1/τ) = log Σ_tail p^(1/τ), estimated as described in the module docstring. (N,) -> (N,)."""
+    alpha = 1.0 / temperature
+    if log_rest_half is None:
+        return log_others + alpha * (log_rest - log_others)  # flat tail: the chord from f(0) to f(1)
+    f0, fh, f1 = log_others, log_rest_half.float(), log_rest
+    if alpha <= 1.0:
+        return f0 + alpha * (4.0 * fh - 3.0 * f0 - f1) + alpha * alpha * 2.0 * (f0 + f1 - 2.0 * fh)
+    return f1 + (alpha - 1.0) * 2.0 * (f1 - fh)  # τ < 1: the secant through f(½), f(1), extended
+
+
+def _teacher_buckets(
+    targets: SparseTargets, temperature: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher's coarse log-distribution at τ over (ids, tail) of distinct targets.
+
+    Returns (n, k+1) floored float32 log-probabilities, the (n, k) mask of used slots (an unused slot has a
+    floored, zero-probability bucket) and the (n,) number of tokens outside the ids.
     """
-    ids = targets.ids
     lp = targets.log_probs.float()  # (n, k)
-    used = (ids >= 0) & (lp > _NEG_INF)  # (n, k)
-    # same[r, i, j]: used slots i and j hold the same id. k is small (tens), so the (n, k, k) table is cheap.
-    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & used.unsqueeze(-1) & used.unsqueeze(-2)  # (n, k, k)
-    first = used & ~same.tril(-1).any(-1)  # (n, k): no earlier slot holds the same id
-    merged = torch.where(same, lp.unsqueeze(-2), _NEG_INF).logsumexp(-1)  # (n, k): log Σ p over equal ids
-    id_buckets = torch.where(first, merged / temperature, _NEG_INF)  # (n, k)
-
-    others = vocab_size - first.sum(-1)  # (n,) tokens outside the ids
+    used = (targets.ids >= 0) & (lp > _NEG_INF)  # (n, k)
+    id_buckets = torch.where(used, lp / temperature, _NEG_INF)  # (n, k)
+    others = vocab_size - used.sum(-1)  # (n,) tokens outside the ids
     log_rest = targets.log_rest.float()  # (n,)
     if temperature == 1.0:
         tail = log_rest  # exact; skips a log(V−k') that would only add rounding
     else:
-        log_others = others.float().log()  # (n,) -inf when the ids cover the whole vocabulary
-        tail = log_others + (log_rest - log_others) / temperature
-    tail = torch.where(others > 0, tail, _NEG_INF)  # (n,)
+        log_others = others.clamp_min(1).float().log()  # (n,)
+        tail = _tempered_tail(log_rest, targets.log_rest_half, log_others, temperature)
+    # No tokens outside the ids, or no mass there (-inf - -inf would be NaN in the formulas above).
+    tail = torch.where((others > 0) & (log_rest > _NEG_INF), tail, _NEG_INF)  # (n,)
     buckets = torch.cat([id_buckets, tail.unsqueeze(-1)], dim=-1)  # (n, k+1)
     # Floor before normalizing so that a row with no information at all (every slot unused, no rest) gives a
     # finite, if meaningless, distribution instead of NaN; such rows are expected to be masked out by labels.
     buckets = torch.log_softmax(buckets.clamp_min(LOG_PROB_FLOOR), dim=-1)
-    return buckets.clamp_min(LOG_PROB_FLOOR), first
+    return buckets.clamp_min(LOG_PROB_FLOOR), used, others
+
+
+def _in_ids(shape: torch.Size, ids: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """(N, V) bool: the columns named by a used slot. Counting with scatter_add (not a boolean scatter) stays
+    deterministic when an unused slot and a used one point at the same column."""
+    hits = torch.zeros(shape, dtype=torch.float32, device=ids.device).scatter_add_(-1, ids, used.float())
+    return hits > 0
+
+
+def _dense_teacher(
+    teacher: torch.Tensor, ids: torch.Tensor, used: torch.Tensor, in_ids: torch.Tensor, others: torch.Tensor
+) -> torch.Tensor:
+    """The `uniform`-tail teacher over the whole vocabulary: (N, V) floored log-probs from its (N, k+1) buckets."""
+    per_other = teacher[:, -1] - others.clamp_min(1).float().log()  # (N,) each tail token's share
+    at_ids = torch.zeros(in_ids.shape, dtype=torch.float32, device=ids.device)
+    at_ids.scatter_add_(-1, ids, torch.where(used, teacher[:, :-1].exp(), 0.0))  # (N, V) probabilities at the ids
+    dense = torch.where(in_ids, at_ids.log(), per_other.unsqueeze(-1))  # (N, V)
+    return dense.clamp_min(LOG_PROB_FLOOR)
+
+
+class _ForwardKL(torch.autograd.Function):
+    """τ²·KL(teacher ‖ student) per token against distinct sparse targets, with the closed-form gradient
+    τ·(p − q): q is the teacher's probability at each id and, on a tail token j, the teacher's tail mass times
+    the student's own share p_j / S_tail (bucket) or split evenly (uniform)."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher, ids, used, others, temperature, uniform):
+        # logits (N, V) float; teacher (N, k+1) floored log-probs at τ; ids (N, k) in range; used (N, k) bool
+        z = logits.float() if temperature == 1.0 else logits.float() / temperature  # (N, V)
+        lse = z.logsumexp(-1, keepdim=True)  # (N, 1)
+        p = (z - lse).exp_()  # (N, V) the student's probabilities; no (N, V) log-probs are kept
+        # The tail mass as a sum of the tail's own probabilities, not 1 − Σ p_ids: no cancellation when it is
+        # tiny. The ids' columns are zeroed by one scatter; unused slots are pointed at the row's first used id
+        # so that every write to a column carries the same value (deterministic), and a row without used slots
+        # writes p back unchanged.
+        any_used = used.any(-1, keepdim=True)  # (N, 1)
+        first_used = ids.gather(-1, used.int().argmax(-1, keepdim=True))  # (N, 1)
+        target_cols = torch.where(used, ids, first_used)  # (N, k)
+        fill = torch.where(any_used, 0.0, p.gather(-1, target_cols))  # (N, k)
+        s_tail = p.scatter(-1, target_cols, fill).sum(-1).log().clamp_min(LOG_PROB_FLOOR)  # (N,) log tail mass
+        s_ids = torch.where(used, (z.gather(-1, ids) - lse).clamp_min(LOG_PROB_FLOOR), LOG_PROB_FLOOR)  # (N, k)
+        student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1)  # (N, k+1)
+        t_prob = teacher.exp()  # (N, k+1)
+        kl = (t_prob * (teacher - student)).sum(-1)  # (N,) the coarse (bucket) divergence
+        has_tail = others > 0  # (N,)
+        log_others = others.clamp_min(1).float().log()  # (N,)
+        if uniform:
+            # + tail mass × KL(uniform over the others ‖ the student's tail renormalized).
+            # Σ over the tail = Σ over all − Σ over the ids; the rounding left is far below the mean's own size.
+            all_sum = (z - lse).clamp_min_(LOG_PROB_FLOOR).sum(-1)  # (N,) floored like `losses.log_probs`
+            tail_mean = (all_sum - torch.where(used, s_ids, 0.0).sum(-1)) / others.clamp_min(1)  # (N,)
+            within = s_tail - log_others - tail_mean  # (N,)
+            kl = kl + torch.where(has_tail, t_prob[:, -1] * within, 0.0)
+        ctx.save_for_backward(p, t_prob, target_cols, used, any_used, s_tail, log_others)
+        ctx.temperature, ctx.uniform, ctx.dtype = temperature, uniform, logits.dtype
+        return kl * (temperature * temperature)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, t_prob, target_cols, used, any_used, s_tail, log_others = ctx.saved_tensors
+        t_ids, t_tail = t_prob[:, :-1], t_prob[:, -1]  # (N, k), (N,)
+        # Every column as a tail token first, then the ids' columns overwritten with p − t. Overwritten, not
+        # corrected by adding: p·(1 − ratio) + p·ratio would cancel badly when the ratio is large.
+        if ctx.uniform:
+            share = (t_tail.clamp_min(1e-45).log() - log_others).exp()  # (N,) each tail token's even share
+            grad = p - share.unsqueeze(-1)  # (N, V) a new tensor: p stays saved
+        else:
+            ratio = (t_tail.clamp_min(1e-45).log() - s_tail).exp()  # (N,) teacher tail mass / student tail mass
+            grad = p * (1.0 - ratio).unsqueeze(-1)  # (N, V) p − t_tail · p / S_tail
+        at_ids = p.gather(-1, target_cols) - t_ids  # (N, k) p − t at the used slots
+        # Unused slots point at the row's first used id: give them that slot's value, so every write agrees.
+        first = used.int().argmax(-1, keepdim=True)  # (N, 1)
+        at_ids = torch.where(used, at_ids, at_ids.gather(-1, first))
+        at_ids = torch.where(any_used, at_ids, grad.gather(-1, target_cols))  # no used slot: leave the row as is
+        grad.scatter_(-1, target_cols, at_ids)
+        grad.mul_(grad_out.unsqueeze(-1) * ctx.temperature)  # d(τ²·KL)/d(logits) = τ·(p − q)
+        return grad.to(ctx.dtype), None, None, None, None, None, None
+
+
+def _is_forward_kl(divergence: str, beta: float, skew: float) -> bool:
+    return (
+        divergence == "forward_kl"
+        or (divergence == "jsd" and beta == 0.0)
+        or (divergence == "skew_forward_kl" and skew == 0.0)
+    )
 
 
 def sparse_token_divergence(
@@ -133,18 +280,25 @@ def sparse_token_divergence(
     """
     logits = student_logits[..., :vocab_size] if vocab_size is not None else student_logits  # (N, V)
     vocab = logits.shape[-1]
+    targets = targets.merged()
+    uniform = targets.tail == "uniform"
     with torch.no_grad():
-        teacher, first = _teacher_buckets(targets, temperature, vocab)  # (N, k+1), (N, k)
+        teacher, used, others = _teacher_buckets(targets, temperature, vocab)  # (N, k+1), (N, k), (N,)
         safe_ids = targets.ids.clamp(0, vocab - 1)  # (N, k) unused slots point anywhere; they are masked below
-        # Counting hits with scatter_add (not a boolean scatter) stays deterministic when an unused slot and a
-        # used one point at the same column.
-        hits = torch.zeros_like(logits, dtype=torch.float32).scatter_add_(-1, safe_ids, first.float())  # (N, V)
-        in_ids = hits > 0  # (N, V)
+    if _is_forward_kl(divergence, beta, skew):
+        return _ForwardKL.apply(logits, teacher, safe_ids, used, others, temperature, uniform)
+    with torch.no_grad():
+        in_ids = _in_ids(logits.shape, safe_ids, used)  # (N, V)
     s_lp = log_probs(logits, temperature)  # (N, V)
-    s_ids = torch.where(first, s_lp.gather(-1, safe_ids), LOG_PROB_FLOOR)  # (N, k)
-    s_tail = s_lp.masked_fill(in_ids, LOG_PROB_FLOOR).logsumexp(-1)  # (N,)
-    student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1).clamp_min(LOG_PROB_FLOOR)  # (N, k+1)
-    per_token = divergence_from_log_probs(student, teacher, divergence, beta, skew)  # (N,)
+    if uniform:
+        with torch.no_grad():
+            dense = _dense_teacher(teacher, safe_ids, used, in_ids, others)  # (N, V)
+        per_token = divergence_from_log_probs(s_lp, dense, divergence, beta, skew)  # (N,)
+    else:
+        s_ids = torch.where(used, s_lp.gather(-1, safe_ids), LOG_PROB_FLOOR)  # (N, k)
+        s_tail = s_lp.masked_fill(in_ids, LOG_PROB_FLOOR).logsumexp(-1)  # (N,)
+        student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1).clamp_min(LOG_PROB_FLOOR)  # (N, k+1)
+        per_token = divergence_from_log_probs(student, teacher, divergence, beta, skew)  # (N,)
     return per_token * (temperature * temperature)
 
 

@@ -128,12 +128,15 @@ def load_models(
     if student_source is not None:
         _check_context(recipe, load_config(student_source, "student", s.trust_remote_code, s.revision), "student")
 
-    tokenizer_source = s.tokenizer or t.path or student_source
+    tokenizer_source = s.tokenizer or t.path or _cached_tokenizer(t.cache) or student_source
     if tokenizer_source == t.path:
         tokenizer = load_tokenizer(t.path, "teacher", t.trust_remote_code, t.revision)
     else:
         tokenizer = load_tokenizer(tokenizer_source, "student", s.trust_remote_code, s.revision)
-    if t.path is not None and student_source is not None and has_tokenizer(student_source):
+    # The student's own tokenizer must agree with the one whose ids the teacher (or its cache) speaks.
+    teacher_side = t.path is not None or t.cache is not None
+    own_tokenizer = student_source is not None and student_source != tokenizer_source and has_tokenizer(student_source)
+    if teacher_side and own_tokenizer:
         difference = compare_tokenizers(tokenizer, load_tokenizer(student_source, "student", s.trust_remote_code))
         if difference is not None:
             raise DistillError(
@@ -158,6 +161,16 @@ def load_models(
         + f"; vocabulary: {vocab_size} tokens"
     )
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size)
+
+
+def _cached_tokenizer(cache: str | None) -> str | None:
+    """The tokenizer files a `distill cache` folder keeps (None without a cache or for an older cache)."""
+    if cache is None:
+        return None
+    from distill.cache import cache_tokenizer_dir
+
+    folder = cache_tokenizer_dir(cache)
+    return str(folder) if folder is not None else None
 
 
 def load_data(recipe: Recipe, tokenizer, log=print):
