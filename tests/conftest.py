@@ -154,3 +154,13 @@ def train_file(tmp_path, text_rows) -> Path:
 def eval_file(tmp_path) -> Path:
     rows = [{"prompt": "def add(a, b):", "completion": "\n    return a + b\n"}, {"text": "hello world, the lazy fox"}]
     return write_jsonl(tmp_path / "eval.jsonl", rows * 4)
+
+
+@pytest.fixture()
+def one_thread():
+    """Forked children compute on one thread (torch's pool does not survive fork); so must the parent, or float
+    results differ in the last bits between the two and files written by both are not byte-identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

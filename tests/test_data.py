@@ -529,3 +529,46 @@ def test_train_file_fixture_builds(train_file, tokenizer):
     examples, stats = build_examples(train_file, tokenizer, max_length=64)
     assert stats.rows == 48 == len(examples) and stats.bad_rows == stats.empty_rows == 0
     assert Path(train_file).suffix == ".jsonl"
+
+
+# ---------------------------------------------------------------- generated rows with token ids
+
+
+def test_generated_row_with_ids_uses_them_not_the_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    # Ids no tokenizer would produce from the text (a split BPE token), and text that disagrees with them:
+    # the ids win, because they are what the teacher saw and what its stored log-probs belong to.
+    prompt_ids, completion_ids = [1, 40, 41], [50, 51, 52]
+    row = {"prompt": "unused", "completion": "unused", "prompt_ids": prompt_ids, "completion_ids": completion_ids}
+    ids, mask = encode_row({**row, "finish_reason": "stop"}, tokenizer)
+    assert ids == prompt_ids + completion_ids + [eos]
+    assert mask == [False] * 3 + [True] * 4
+    # Cut by the length limit: no EOS to learn. Already ending with EOS: none added twice.
+    ids, mask = encode_row({**row, "finish_reason": "length"}, tokenizer)
+    assert ids == prompt_ids + completion_ids and mask == [False] * 3 + [True] * 3
+    ids, _ = encode_row({**row, "completion_ids": [50, eos], "finish_reason": "stop"}, tokenizer)
+    assert ids == prompt_ids + [50, eos]
+    # Chat rows of a local teacher carry the ids too; the chat template is not applied again.
+    chat = {"messages": [{"role": "user", "content": "hi"}], "prompt_ids": [1, 7], "completion_ids": [9, eos]}
+    assert encode_row(chat, tokenizer) == ([1, 7, 9, eos], [False, False, True, True])
+
+
+def test_rows_with_only_completion_ids_keep_the_text_path(tokenizer):
+    row = {"prompt": "def add(a, b):", "completion": "\n    return a", "completion_ids": [5, 6]}
+    text_only = {"prompt": row["prompt"], "completion": row["completion"]}
+    assert encode_row(row, tokenizer) == encode_row(text_only, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("prompt_ids", "1 2", '"prompt_ids" must be a list of integers'),
+        ("completion_ids", [1, 2.5], '"completion_ids" must be a list of integers'),
+        ("completion_ids", [1, 100000], '"completion_ids" has ids outside the vocabulary'),
+        ("prompt_ids", [-1], '"prompt_ids" has ids outside the vocabulary'),
+    ],
+)
+def test_generated_row_with_bad_ids_is_a_bad_row(tokenizer, field, value, message):
+    row = {"prompt": "a", "completion": "b", "prompt_ids": [1, 5], "completion_ids": [6], field: value}
+    with pytest.raises(ValueError, match=message):
+        encode_row(row, tokenizer)
