@@ -248,7 +248,10 @@ def _first_line(capsys) -> list[str]:
             r"bad\.jsonl:2: completion token 0 is .* in the file but id \d+ in the training example",
         ),
         # A completion that stopped without an EOS among its tokens: the loader's EOS has no log-probs.
-        (lambda r, t: r.update(finish_reason="stop"), r"bad\.jsonl:2: .*the EOS the data loader appends.*no stored"),
+        (
+            lambda r, t: r.update(finish_reason="stop"),
+            r"bad\.jsonl:2: .*EOS the data loader or chat template appends.*no stored",
+        ),
         (lambda r, t: r["top_logprobs"][0].__setitem__(1, r["top_logprobs"][0][0]), r"token 0 repeats a token"),
         (lambda r, t: r["top_logprobs"][0].__setitem__(1, ["\ufffd", -2.0]), r"matches \d+ vocabulary entries \(ambig"),
         (lambda r, t: r["top_logprobs"][0].__setitem__(1, ["no such token", -2.0]), r"matches no vocabulary entry"),
@@ -334,3 +337,17 @@ def test_a_cache_only_recipe_needs_a_tokenizer(tmp_path, teacher_dir, student_di
     content["student"] = {"path": str(student_dir), "tokenizer": str(teacher_dir)}
     root = build_cache(recipe_from_dict(content), **QUIET)
     assert read_manifest(root)["teacher"]["hash"] is None and read_manifest(root)["teacher"]["path"] is None
+
+
+def test_command_line_flow_generate_cache_train(tmp_path, teacher_dir, student_dir, generated):
+    """The README's flow: a recipe for the teacher, `distill cache RECIPE cache.source=generated`, then
+    `distill train RECIPE teacher.cache=DIR`."""
+    content = recipe_dict(teacher_dir, student_dir, generated, tmp_path)
+    content["cache"].pop("source")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(content))
+    assert main(["cache", str(recipe), "cache.source=generated", "--quiet"]) == 0
+    root = tmp_path / "cache"
+    assert read_manifest(root)["source"] == "generated" and main(["cache", "verify", str(root)]) == 0
+    assert main(["train", str(recipe), f"teacher.cache={root}", "--quiet"]) == 0
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()

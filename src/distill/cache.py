@@ -29,6 +29,15 @@ order, so an example's rows are `offsets[j]:offsets[j+1]` (random access for shu
 memory maps). With ``precision: int8`` / ``int4`` each row stores its highest and lowest log-prob in float16
 and 8-bit / 4-bit codes uniformly between them (int4 codes two per byte).
 
+Built from a `distill generate` file instead (``cache.source: generated``): the top-k log-probs the file stores
+per completion token become the cached top-k (k = the number stored, at most cache.top_k), the rest is
+log(1 − Σ exp(top-k)) clamped at 1e-6, and no teacher is loaded or run. The teacher is then known by the file's
+sha256 (and teacher.path's hash when the recipe names one). Rows are tokenized as `distill.data` does (their
+prompt_ids + completion_ids when present); every loss token of a training example must be a completion token
+with stored log-probs, and a row where that fails (no top_logprobs, ids that do not line up, an EOS the loader
+adds) stops the build with one line naming it: made-up targets would be worse than none. log Σ √p of the tail is
+unknown, so training at τ ≠ 1 assumes a flat tail (`distill.sparse`).
+
 Resumable: the plan (`build.json`: identities and shard boundaries) is written first, each shard is written
 to a temporary name and renamed, the manifest last. A build killed at any moment restarts at the first
 missing shard. Shards are a pure function of the plan: teacher in eval mode, fixed examples and batches per
@@ -277,7 +286,14 @@ def _decode_log_probs(arrays: dict[str, np.ndarray], key: str, rows: slice, prec
 
 
 def bytes_per_token(
-    representation: str, k: int, m: int, precision: str, vocab_size: int, pack_ids: bool = False, tail_m: int = 0
+    representation: str,
+    k: int,
+    m: int,
+    precision: str,
+    vocab_size: int,
+    pack_ids: bool = False,
+    tail_m: int = 0,
+    rest_half: bool = True,
 ) -> dict[str, int]:
     """Stored bytes per loss token of each representation (offsets and headers excluded)."""
 
@@ -293,7 +309,7 @@ def bytes_per_token(
     extra = 4 if precision in _LEVELS else 0  # the per-row float16 range of the codes
     out = {}
     if representation in ("top_k", "both"):
-        out["top_k"] = ids(k) + log_probs(k) + 2 * rest_bytes + extra  # rest mass and its √p sum
+        out["top_k"] = ids(k) + log_probs(k) + (2 if rest_half else 1) * rest_bytes + extra  # rest mass, its √p sum
         if tail_m:
             out["top_k"] += ids(tail_m) + tail_m + log_probs(tail_m) + extra  # tail draws: ids, counts, log-probs
     if representation in ("sampled", "both"):
@@ -317,22 +333,38 @@ def _plan_shards(examples: Sequence[Example], shard_tokens: int) -> list[dict]:
 
 
 def _build_plan(
-    recipe, tokenizer, examples: Sequence[Example], vocab_size: int, known_files: dict | None = None
+    recipe,
+    tokenizer,
+    examples: Sequence[Example],
+    vocab_size: int,
+    known_files: dict | None = None,
+    generated: dict | None = None,
 ) -> dict:
+    """The build's plan. `generated` ({"file", "sha256", "stored_top_k"}) for cache.source=generated: the
+    teacher is then known by that file, and by teacher.path's hash only when the recipe names one."""
     t, d, c = recipe.teacher, recipe.data, recipe.cache
-    files = teacher_files(t.path, known_files)
+    files = teacher_files(t.path, known_files) if t.path is not None else {}
     stores_top_k = c.representation in ("top_k", "both")
     stores_sampled = c.representation in ("sampled", "both")
+    teacher = {
+        "path": t.path,
+        "revision": t.revision,
+        "dtype": t.dtype,
+        "hash": teacher_hash(t.path, t.revision, files) if t.path is not None else None,
+        "files": files,  # sizes and mtimes let a later run skip re-hashing unchanged weights
+    }
+    top_k = min(c.top_k, vocab_size) if stores_top_k else None
+    arrays = ["ids", "log_probs", "log_rest", "log_rest_half"] if stores_top_k else None
+    if generated is not None:
+        # The log-probs come from the file; the teacher's dtype played no part here (it did when generating).
+        teacher.update(dtype=None, model_name=t.model_name, generated=generated)
+        top_k = min(c.top_k, generated["stored_top_k"])
+        arrays = ["ids", "log_probs", "log_rest"]  # log Σ √p of the tail needs the full distribution
     return {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": {
-            "path": t.path,
-            "revision": t.revision,
-            "dtype": t.dtype,
-            "hash": teacher_hash(t.path, t.revision, files),
-            "files": files,  # sizes and mtimes let a later run skip re-hashing unchanged weights
-        },
+        "source": c.source,
+        "teacher": teacher,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "data": {
             "train": d.train,
@@ -347,13 +379,13 @@ def _build_plan(
         "id_dtype": "uint16" if vocab_size <= 65536 else "uint32",
         "id_bits": id_bits(vocab_size) if c.pack_ids else None,
         "representation": c.representation,
-        "top_k": min(c.top_k, vocab_size) if stores_top_k else None,
-        "top_k_arrays": ["ids", "log_probs", "log_rest", "log_rest_half"] if stores_top_k else None,
+        "top_k": top_k,
+        "top_k_arrays": arrays,
         "tail_samples": c.tail_samples if stores_top_k and c.tail_samples else None,
         "sample_m": c.sample_m if stores_sampled else None,
         "precision": c.precision,
-        "seed": recipe.training.seed,
-        "teacher_batch_size": c.batch_size,
+        "seed": recipe.training.seed if generated is None else None,  # nothing is drawn from a generated file
+        "teacher_batch_size": c.batch_size if generated is None else None,
         "positions": "loss tokens only (labels != -100), in example order",
         "shards": _plan_shards(examples, c.shard_tokens),
     }
@@ -366,6 +398,10 @@ def _first_difference(before: dict, now: dict) -> str | None:
     # The teacher by content: its files' recorded mtimes may change (a copy, a touch) without changing it.
     before["teacher"] = {k: v for k, v in before.get("teacher", {}).items() if k != "files"}
     now = {**now, "teacher": {k: v for k, v in now.get("teacher", {}).items() if k != "files"}}
+    if before.get("source", "teacher") != now.get("source", "teacher"):
+        return "cache.source"
+    if before["teacher"].get("generated") != now["teacher"].get("generated"):
+        return "generated file (data.train's content or its top_logprobs)"
     for key in ("format", "version", "teacher", "tokenizer_hash", "data", "vocab_size", "shards"):
         if before.get(key) != now.get(key):
             return {"tokenizer_hash": "tokenizer", "shards": "cache.shard_tokens"}.get(key, key)
@@ -544,23 +580,39 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
     from distill.train import load_data
 
     t, c = recipe.teacher, recipe.cache
-    if t.path is None:
+    from_file = c.source == "generated"
+    if t.path is None and not from_file:
         raise DistillError("recipe key teacher.path: `distill cache` runs the teacher, so it needs teacher.path")
     if recipe.data.train is None:
         raise DistillError("recipe key data.train: no training data given")
-    tokenizer_source = recipe.student.tokenizer or t.path  # the tokenizer `distill train` will use
+    if from_file:
+        _check_generated_recipe(recipe)
+    # The tokenizer `distill train` will use; a generated file's ids are the teacher's, so a student folder's
+    # tokenizer is the last resort there (training checks that the tokenizers agree).
+    tokenizer_source = recipe.student.tokenizer or t.path or (recipe.student.path if from_file else None)
+    if tokenizer_source is None:
+        raise DistillError(
+            "recipe key teacher.path: cache.source=generated needs the teacher's tokenizer; "
+            "set teacher.path or student.tokenizer"
+        )
     tokenizer = load_tokenizer(tokenizer_source, "teacher", t.trust_remote_code, t.revision)
     examples, _ = load_data(recipe, tokenizer, log)
     vocab_size = len(tokenizer)
     root = Path(c.dir)
+    generated = None
+    if from_file:
+        # Every training row is checked before anything is written: a bad row is refused, not half-cached.
+        stored_k = _read_generated(recipe, tokenizer, examples, None).stored_k
+        sha = _generated_sha256(recipe.data.train)
+        generated = {"file": recipe.data.train, "sha256": sha, "stored_top_k": stored_k}
 
     # Every rank reads the folder before anyone writes to it, so all of them decide the same way.
     existing = {}
     for name in (MANIFEST, PLAN):
         if (root / name).exists():
             existing[name] = json.loads((root / name).read_text(encoding="utf-8"))
-    known = next((_known_teacher_files(m, t.path) for m in existing.values()), None)
-    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known)
+    known = next((_known_teacher_files(m, t.path) for m in existing.values()), None) if t.path else None
+    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known, generated)
     for name, what in ((MANIFEST, "a finished"), (PLAN, "an unfinished")):
         if name in existing:
             difference = _first_difference(existing[name], plan)
@@ -585,7 +637,10 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
     missing = [i for i, s in enumerate(plan["shards"]) if not (root / s["file"]).exists()]
     mine = missing[ranks.rank :: ranks.world]  # round-robin over the ranks; each shard is written by one
     done = len(plan["shards"]) - len(missing)
-    if mine:
+    if mine and from_file:
+        log(f"cache: {len(examples)} examples, {plan['data']['loss_tokens']} loss tokens from {recipe.data.train}")
+        _write_generated_shards(recipe, tokenizer, examples, plan, mine, root, log if show_progress else None)
+    elif mine:
         device = _pick_device(recipe, ranks.local_rank)
         teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
         teacher.eval().requires_grad_(False).to(device)
@@ -627,6 +682,7 @@ def _write_manifest(root: Path, plan: dict, c, vocab_size: int, log: Callable[[s
             vocab_size,
             c.pack_ids,
             plan.get("tail_samples") or 0,
+            "log_rest_half" in (plan["top_k_arrays"] or ()),
         ),
         "files": total_bytes / max(1, plan["data"]["loss_tokens"]),
     }
@@ -634,6 +690,228 @@ def _write_manifest(root: Path, plan: dict, c, vocab_size: int, log: Callable[[s
     (root / PLAN).unlink(missing_ok=True)
     per_token = manifest["bytes_per_token"]["files"]
     log(f"cache written to {root}: {total_bytes / 2**20:.1f} MiB, {per_token:.1f} bytes per loss token")
+
+
+# ---------------------------------------------------------------- building from a `distill generate` file
+
+# Below this, 1 − Σ exp(top-k) is rounding of the stored log-probs (float32 values, or a server's bf16 ones), not
+# mass the teacher left: the rest is clamped to it rather than to 0 or a negative number.
+_REST_FLOOR = 1e-6
+
+
+def _check_generated_recipe(recipe) -> None:
+    c, d = recipe.cache, recipe.data
+    if c.representation != "top_k":
+        raise DistillError(
+            f"recipe key cache.representation: cache.source=generated stores the file's top-k log-probs; "
+            f"{c.representation} needs draws from the teacher's full distribution (use top_k)"
+        )
+    if c.tail_samples:
+        raise DistillError("recipe key cache.tail_samples: cache.source=generated has no tail to draw from; set 0")
+    if d.packing:
+        raise DistillError(
+            "recipe key data.packing: cache.source=generated keeps each row's log-probs, which packing would mix; "
+            "set data.packing=false"
+        )
+    if not Path(d.train).exists():
+        raise DistillError(f"recipe key data.train: cache.source=generated reads local files; {d.train} is not one")
+
+
+def _generated_sha256(source: str) -> str:
+    """sha256 of a generated file, or of a folder's files (names and contents, in name order)."""
+    path = Path(source)
+    if path.is_file():
+        return _sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        h.update(str(file.relative_to(path)).encode() + b"\0" + _sha256_file(file).encode())
+    return h.hexdigest()
+
+
+class _TokenIds:
+    """Tokens of a generated row -> ids: ids as they are; the token strings of an endpoint that returned no ids
+    through the one vocabulary entry whose raw form or decoded text they are. Anything else is ambiguous."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.vocab = tokenizer, len(tokenizer)
+        self._by_text: dict[str, set[int]] | None = None
+
+    def __call__(self, token: object) -> int:
+        if isinstance(token, int) and not isinstance(token, bool):
+            if not 0 <= token < self.vocab:
+                raise ValueError(f"token id {token} is outside the vocabulary of {self.vocab} tokens")
+            return token
+        if not isinstance(token, str):
+            raise ValueError(f"token {token!r} is neither an id nor a string")
+        if self._by_text is None:  # built once, on the first string: decoding the vocabulary costs seconds
+            self._by_text = {}
+            raw = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab)))
+            for i, form in enumerate(raw):
+                self._by_text.setdefault(form, set()).add(i)
+                self._by_text.setdefault(self.tokenizer.decode([i]), set()).add(i)
+        ids = self._by_text.get(token, set())
+        if len(ids) != 1:
+            what = "no vocabulary entry" if not ids else f"{len(ids)} vocabulary entries (ambiguous)"
+            raise ValueError(
+                f"token string {token!r} matches {what}; generate with token ids (vLLM: return_tokens_as_token_ids)"
+            )
+        return next(iter(ids))
+
+
+def _row_top_k(
+    row: dict,
+    ids: list[int],
+    mask: list[bool],
+    eos: int | None,
+    to_id: _TokenIds,
+    stored_k: int | None,
+    keep: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """The stored top-k of one example's loss tokens (mask[i] and i ≥ 1, in order) from its generated row.
+
+    The example's masked tokens must be the row's completion tokens, in order (a prefix when truncated), each
+    with `stored_k` entries (None: the first one sets it). Returns ids (n, w) int64, log-probs (n, w) float32
+    (the w = min(keep, stored_k) largest, descending; keep None = all), the log of the rest mass (n,) float32,
+    and the entries per token.
+    Raises ValueError naming what does not line up.
+    """
+    top = row.get("top_logprobs")
+    if not isinstance(top, list):
+        raise ValueError("it has no top_logprobs (generate with generate.logprobs > 0, from a teacher that gives them)")
+    produced = row.get("completion_ids", row.get("completion_tokens"))
+    if not isinstance(produced, list):
+        raise ValueError("it has no completion_ids or completion_tokens to line its top_logprobs up with")
+    if len(top) != len(produced):
+        raise ValueError(f"top_logprobs has {len(top)} entries for {len(produced)} completion tokens")
+    positions = [i for i, counted in enumerate(mask) if counted]
+    for n, i in enumerate(positions[: len(produced)]):
+        if to_id(produced[n]) != ids[i]:
+            raise ValueError(
+                f"completion token {n} is {produced[n]!r} in the file but id {ids[i]} in the training example "
+                "(re-tokenizing the text does not give the teacher's tokens; keep prompt_ids and completion_ids)"
+            )
+    if len(positions) > len(produced):
+        i = positions[len(produced)]
+        what = "the EOS the data loader or chat template appends" if ids[i] == eos else f"id {ids[i]}"
+        raise ValueError(f"training token {len(produced)} of the completion ({what}) has no stored log-probs")
+    rows_ids, rows_lp = [], []
+    for n, i in enumerate(positions):
+        if i == 0:  # token 0 is never predicted, so it is never a loss token
+            continue
+        entries = top[n]
+        if not isinstance(entries, list) or not all(isinstance(e, list | tuple) and len(e) == 2 for e in entries):
+            raise ValueError(f"top_logprobs of completion token {n} is not a list of [token, log-prob] pairs")
+        if stored_k is None:
+            stored_k = len(entries)
+        if not entries:
+            raise ValueError(f"top_logprobs of completion token {n} is empty")
+        if len(entries) != stored_k:
+            raise ValueError(f"completion token {n} has {len(entries)} top_logprobs, other tokens {stored_k}")
+        token_ids = [to_id(t) for t, _ in entries]
+        if len(set(token_ids)) != len(token_ids):
+            raise ValueError(f"top_logprobs of completion token {n} repeats a token")
+        values = [lp for _, lp in entries]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v) for v in values):
+            raise ValueError(f"top_logprobs of completion token {n} has a log-prob that is not a number")
+        order = sorted(range(stored_k), key=lambda j: -values[j])[:keep]  # the most probable first
+        rows_ids.append([token_ids[j] for j in order])
+        rows_lp.append([values[j] for j in order])
+    width = 0 if stored_k is None else stored_k if keep is None else min(keep, stored_k)
+    lp = np.asarray(rows_lp, dtype=np.float64).reshape(len(rows_lp), width)  # (n, w)
+    rest = np.log(np.maximum(1.0 - np.exp(lp).sum(-1), _REST_FLOOR))  # (n,) log(1 − Σ p), clamped
+    ids_out = np.asarray(rows_ids, dtype=np.int64).reshape(len(rows_ids), width)  # (n, w)
+    return ids_out, lp.astype(np.float32), rest.astype(np.float32), stored_k
+
+
+class _GeneratedTargets:
+    """The stored top-k of every training example, read from the `distill generate` file in example order.
+
+    The rows are tokenized again exactly as `distill.data.build_examples` does; training examples are matched
+    to them in order (the ones between are held out for evaluation or have no loss), so an example gets the
+    log-probs of the row it came from. Iterating yields (example index, ids, log-probs, log rest) as returned
+    by `_row_top_k`; `stored_k` is the number of entries per token in the file once something was read.
+    """
+
+    def __init__(self, recipe, tokenizer, examples: Sequence[Example], keep: int | None):
+        self.recipe, self.tokenizer, self.examples, self.keep = recipe, tokenizer, examples, keep
+        self.stored_k: int | None = None
+
+    def __iter__(self):
+        from distill.data import encode_row, read_rows
+
+        d = self.recipe.data
+        to_id, eos = _TokenIds(self.tokenizer), self.tokenizer.eos_token_id
+        j = 0
+        for where, row in read_rows(d.train, d.train_split):
+            if j == len(self.examples):
+                break
+            if isinstance(row, Exception):
+                continue  # load_data refused the file or skipped the row already (data.skip_bad_rows)
+            try:
+                ids, mask = encode_row(row, self.tokenizer)
+            except ValueError:
+                continue  # likewise
+            ids, mask = ids[: d.max_length], mask[: d.max_length]
+            example = self.examples[j]
+            if example.input_ids != ids or example.loss_mask != mask:
+                continue  # held out for evaluation, or without loss tokens
+            try:
+                top_ids, lp, rest, self.stored_k = _row_top_k(row, ids, mask, eos, to_id, self.stored_k, self.keep)
+            except ValueError as e:
+                raise DistillError(f"cache.source=generated: row {where}: {e}") from None
+            yield j, top_ids, lp, rest
+            j += 1
+        if j != len(self.examples):
+            raise DistillError(f"internal error: {d.train} gave {j} of {len(self.examples)} training examples")
+
+
+def _read_generated(recipe, tokenizer, examples: Sequence[Example], keep: int | None) -> _GeneratedTargets:
+    """Check every training example's row (raising on the first that does not line up) and return the reader."""
+    reader = _GeneratedTargets(recipe, tokenizer, examples, keep)
+    for _ in reader:
+        pass
+    return reader
+
+
+def _write_generated_shards(
+    recipe, tokenizer, examples: Sequence[Example], plan: dict, mine: Sequence[int], root: Path, log
+) -> None:
+    """Write shards `mine` of the plan from the generated file: one pass over it, one shard in memory at a time.
+    Every array is a pure function of the file and the plan, so a resumed build is byte-identical."""
+    k, precision = plan["top_k"], plan["precision"]
+    id_dtype, bits = np.dtype(plan["id_dtype"]), plan.get("id_bits")
+    firsts = np.array([s["first_example"] for s in plan["shards"]], dtype=np.int64)
+    last_example = {s["first_example"] + s["examples"] - 1: i for i, s in enumerate(plan["shards"])}
+    wanted = set(mine)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    written = 0
+    for j, ids, lp, rest in _GeneratedTargets(recipe, tokenizer, examples, k):
+        index = int(np.searchsorted(firsts, j, side="right")) - 1
+        if index not in wanted:
+            continue
+        parts.append((ids, lp, rest))
+        if j not in last_example:
+            continue
+        shard = plan["shards"][index]
+        all_ids = np.concatenate([p[0] for p in parts])  # (n, k)
+        all_lp = torch.from_numpy(np.concatenate([p[1] for p in parts]))  # (n, k)
+        arrays: dict[str, np.ndarray] = {}
+        if bits:
+            arrays["ids_packed"] = _pack_bits(all_ids, bits)  # (n, ceil(k·bits/8)) uint8
+        else:
+            arrays["ids"] = all_ids.astype(id_dtype)
+        for suffix, a in _encode_log_probs(all_lp, torch.ones(all_lp.shape, dtype=torch.bool), precision).items():
+            arrays["log_probs" + suffix] = a
+        rest_dtype = np.float32 if precision == "float32" else np.float16
+        arrays["log_rest"] = np.concatenate([p[2] for p in parts]).astype(rest_dtype)
+        sizes = [e.loss_tokens for e in examples[shard["first_example"] : shard["first_example"] + shard["examples"]]]
+        arrays["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (examples + 1,)
+        if len(all_ids) != shard["tokens"] or arrays["offsets"][-1] != len(all_ids):
+            raise DistillError(f"internal error: shard {shard['file']} has {len(all_ids)} rows, not {shard['tokens']}")
+        _write_bytes_atomic(root / shard["file"], _encode_safetensors(arrays))
+        parts, written = [], written + 1
+        if log is not None:
+            log(f"cache: shard {written}/{len(mine)} written")
 
 
 # ---------------------------------------------------------------- checking
@@ -863,10 +1141,11 @@ def open_cache_for_training(
     t = recipe.teacher
     # Re-hashes only weight files whose size or mtime differ from the build's record (see `teacher_files`).
     known = _known_teacher_files(manifest, t.path) if t.path is not None else None
-    if t.path is not None and manifest["teacher"]["hash"] != teacher_hash(
-        t.path, t.revision, teacher_files(t.path, known) if Path(t.path).is_dir() else None
-    ):
-        raise DistillError(f"{where}: built with a different teacher than teacher.path {t.path}")
+    recorded = manifest["teacher"].get("hash")  # None: a cache built from a generated file naming no teacher
+    if t.path is not None and recorded is not None:
+        files = teacher_files(t.path, known) if Path(t.path).is_dir() else None
+        if recorded != teacher_hash(t.path, t.revision, files):
+            raise DistillError(f"{where}: built with a different teacher than teacher.path {t.path}")
     if vocab_size is not None and manifest["vocab_size"] != vocab_size:
         raise DistillError(
             f"{where}: built for a vocabulary of {manifest['vocab_size']} tokens, training uses {vocab_size}"

@@ -181,6 +181,11 @@ class TrainingConfig(Section):
 
 class CacheConfig(Section):
     dir: str = Field("./cache", description="Folder of the offline teacher signals.")
+    source: Literal["teacher", "generated"] = Field(
+        "teacher",
+        description="teacher = run the teacher over data.train; generated = read the top_logprobs that "
+        "`distill generate` stored in data.train (no teacher is loaded).",
+    )
     top_k: int = Field(32, gt=0, description="Teacher log-probs stored per token.")
     representation: Literal["top_k", "sampled", "both"] = Field(
         "top_k", description="What `distill cache` stores: top-k + tail mass, m sampled tokens, or both."

@@ -5,6 +5,8 @@ Row formats (one dict per example):
   {"prompt": ..., "completion": ...}   loss on the completion only
   {"messages": [{"role", "content"}]}  rendered with the tokenizer's chat template; loss on assistant turns only
   {"input_ids": [...], "loss_mask"?}   pre-tokenized; loss on all tokens unless a mask is given
+  {"prompt_ids", "completion_ids"}     `distill generate` rows of a local teacher: these exact ids (text ignored);
+                                       loss on the completion, EOS added unless finish_reason is "length"
 
 File formats: JSONL, JSON, Parquet, CSV, plain text (one document per file), folders of them, Hugging Face
 `save_to_disk` folders, and hub dataset ids.
@@ -214,6 +216,22 @@ def _encode_messages(tokenizer, messages) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
+def _encode_generated_ids(row: dict, tokenizer) -> tuple[list[int], list[bool]]:
+    """A `distill generate` row of a local teacher: exactly the tokens the teacher saw and wrote (re-tokenizing
+    the text may split it differently, and the stored log-probs belong to these ids); loss on the completion."""
+    prompt_ids, completion_ids = row["prompt_ids"], row["completion_ids"]
+    for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if not isinstance(ids, Sequence) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f'"{name}" must be a list of integers')
+        if any(i < 0 or i >= len(tokenizer) for i in ids):
+            raise ValueError(f'"{name}" has ids outside the vocabulary of {len(tokenizer)} tokens')
+    completion_ids = list(completion_ids)
+    # Same rule as the text path: no EOS after a completion cut by the length limit; none added twice.
+    if row.get("finish_reason") != "length":
+        completion_ids = _with_eos(tokenizer, completion_ids)
+    return list(prompt_ids) + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
+
+
 def encode_row(row: object, tokenizer) -> tuple[list[int], list[bool]]:
     """Tokenize one row into (input_ids, loss_mask). Raises ValueError describing a malformed row."""
     if not isinstance(row, dict):
@@ -233,6 +251,8 @@ def encode_row(row: object, tokenizer) -> tuple[list[int], list[bool]]:
         if not isinstance(mask, Sequence) or len(mask) != len(ids):
             raise ValueError('"loss_mask" must be a list as long as "input_ids"')
         return ids, [bool(m) for m in mask]
+    if "prompt_ids" in row and "completion_ids" in row:
+        return _encode_generated_ids(row, tokenizer)
     if "messages" in row:
         return _encode_messages(tokenizer, row["messages"])
     if "prompt" in row or "completion" in row:
