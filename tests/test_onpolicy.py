@@ -19,13 +19,13 @@ from distill.losses import IGNORE_INDEX, distillation_loss
 from distill.models import Models, load_model
 from distill.onpolicy import (
     OnPolicy,
-    eos_token_ids,
     is_on_policy_step,
     prompt_length,
     sample_completions,
     sampling_seed,
 )
 from distill.parallel import StudentLoss
+from distill.sampling import eos_ids
 from distill.train import step_loss, train
 
 CPU = torch.device("cpu")
@@ -169,7 +169,7 @@ def test_on_policy_examples_keep_prompts_and_mask_only_the_completion(tokenizer,
     assert model.training and all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
     assert [len(m) for m in new] == [3, 2]
-    eos = eos_token_ids(tokenizer, model)
+    eos = eos_ids(model, tokenizer)
     for old, sampled in zip(micro[0] + micro[1], new[0] + new[1], strict=True):
         n = prompt_length(old, 16)
         assert sampled.input_ids[:n] == old.input_ids[:n]
@@ -396,9 +396,9 @@ def test_impossible_on_policy_recipes_fail_with_one_line(
 def test_tokenizer_and_generation_config_eos_ids_both_end_completions(tokenizer, student_dir):
     model = _student(student_dir)
     model.generation_config.eos_token_id = [2, 7]
-    assert eos_token_ids(tokenizer, model) == [2, 7]
+    assert eos_ids(model, tokenizer) == [2, 7]
     model.generation_config.eos_token_id = None
-    assert eos_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
+    assert eos_ids(model, tokenizer) == [tokenizer.eos_token_id]
 
 
 # ---------------------------------------------------------------- several processes

@@ -40,6 +40,7 @@ import torch
 from distill import atomic
 from distill.data import pad_id_of, read_rows
 from distill.errors import DistillError
+from distill.sampling import eos_ids, left_padded, stable_hash
 
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 
@@ -127,16 +128,6 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the k most likely (id, log-prob)
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
-    return sorted(ids)
-
-
 def _finish(tokenizer, ids: list[int], eos: set[int], stop: Sequence[str], max_new_tokens: int) -> tuple[int, str, str]:
     """Where a generated row ends: (number of produced tokens, text, finish_reason)."""
     first_eos = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -181,13 +172,8 @@ def sample_completions(
     vocab = len(tokenizer)
     rows = model.get_output_embeddings().weight.shape[0]
     pad = pad_id_of(tokenizer)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, P)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, P)
-    for i, p in enumerate(prompts):
-        if p:
-            input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            attention_mask[i, width - len(p) :] = 1
+    input_ids, attention_mask = left_padded(prompts, pad)  # (B, P) each
+    width = input_ids.shape[1]
     eos = eos_ids(model, tokenizer)
     # Greedy decoding gives one answer: decode it once and copy it (transformers refuses greedy n > 1).
     draws = n if temperature > 0 else 1
@@ -255,9 +241,9 @@ def _local_plan(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[li
 
 
 def _derived_seed(seed: int, *parts: object) -> int:
-    """A seed per batch/prompt: independent streams instead of seed+i, which would overlap between runs."""
-    text = ":".join(str(p) for p in (seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    """A seed per batch/prompt: independent streams instead of seed+i, which would overlap between runs. 31 bits:
+    servers take it as a signed 32-bit integer."""
+    return stable_hash(seed, *parts, bits=31)
 
 
 # ---------------------------------------------------------------- endpoint teacher

@@ -18,7 +18,6 @@ sampled tokens.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -27,12 +26,7 @@ import torch
 
 from distill.data import Example, pad_id_of
 from distill.errors import DistillError
-
-
-def _hashed_uint63(*parts: object) -> int:
-    """A 63-bit integer that depends only on `parts` (not on PYTHONHASHSEED, the process or the platform)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from distill.sampling import eos_ids, left_padded, stable_hash
 
 
 def is_on_policy_step(seed: int, step: int, share: float) -> bool:
@@ -41,12 +35,12 @@ def is_on_policy_step(seed: int, step: int, share: float) -> bool:
         return False
     if share >= 1.0:
         return True
-    return _hashed_uint63("on-policy-step", seed, step) / 2.0**63 < share
+    return stable_hash("on-policy-step", seed, step) / 2.0**63 < share
 
 
 def sampling_seed(seed: int, step: int, rank: int, micro_batch: int) -> int:
     """Seed of the student's sampling for one micro-batch of one rank at one step."""
-    return _hashed_uint63("on-policy-sample", seed, step, rank, micro_batch)
+    return stable_hash("on-policy-sample", seed, step, rank, micro_batch)
 
 
 def prompt_length(example: Example, prefix_tokens: int) -> int:
@@ -61,16 +55,6 @@ def prompt_length(example: Example, prefix_tokens: int) -> int:
     if first_loss > 0:
         return first_loss
     return min(prefix_tokens, len(example.input_ids) - 1)
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Tokens that end a completion: the tokenizer's EOS and those of the model's generation config."""
-    found = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for candidate in [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]:
-        if candidate is not None and int(candidate) not in found:
-            found.append(int(candidate))
-    return found
 
 
 def sample_completions(
@@ -95,12 +79,8 @@ def sample_completions(
     """
     from transformers import GenerationConfig
 
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, P), left-padded
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, P)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = left_padded(prompts, pad_id)  # (B, P) each
+    width = input_ids.shape[1]
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
@@ -204,7 +184,7 @@ class OnPolicy:
                 limits,
                 temperature=c.temperature,
                 top_p=c.top_p,
-                eos_ids=eos_token_ids(self.tokenizer, model),
+                eos_ids=eos_ids(model, self.tokenizer),
                 pad_id=self.pad_id,
                 seed=sampling_seed(self.seed, step, rank, micro_batch),
                 device=self.device,
