@@ -409,10 +409,11 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                 # Example indices stay on the host: the cache reader needs them there, and copying back would sync.
                 batch = {k: v if k == "example_index" else v.to(device) for k, v in batch.items()}
                 sync = j == len(batches) - 1
-                skip_sync = nullcontext() if sync else no_gradient_sync(loss_module, accelerator, strategy)
-                with skip_sync, accelerator.autocast():
-                    loss, kd_sum, ce_sum = step_loss(loss_module, models, batch, recipe, normalizer, teacher_signal)
-                accelerator.backward(loss)
+                # Backward inside too: FSDP2 decides whether to reduce gradients during backward, DDP in forward.
+                with nullcontext() if sync else no_gradient_sync(loss_module, accelerator, strategy):
+                    with accelerator.autocast():
+                        loss, kd_sum, ce_sum = step_loss(loss_module, models, batch, recipe, normalizer, teacher_signal)
+                    accelerator.backward(loss)
                 step_sums += torch.stack([kd_sum.float(), ce_sum.float()])
             if t.max_grad_norm is not None:
                 grad_norm = clip_gradients(loss_module, accelerator, t.max_grad_norm, strategy)
