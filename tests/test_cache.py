@@ -377,15 +377,45 @@ def test_reader_targets_grid_matches_labels(tmp_path, teacher_dir, student_dir, 
     assert read_manifest(root)["bytes_per_token"]["top_k"] == 8 * 3 + 2 + 2 + 4
 
 
-@pytest.mark.parametrize("bits", [1, 4, 9, 17])
-def test_bit_packing_round_trips_row_by_row(bits):
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 7, 8, 9, 10, 17, 18, 31, 32])
+@pytest.mark.parametrize("width", [1, 13, 16])
+def test_bit_packing_round_trips_row_by_row(bits, width):
     from distill.cache import _pack_bits, _unpack_bits
 
-    values = np.random.default_rng(bits).integers(0, 2**bits, size=(7, 13))
+    values = np.random.default_rng(bits).integers(0, 2**bits, size=(7, width))
+    values[0] = 2**bits - 1  # every bit set: a value reaching into the next byte must not leak into it
     packed = _pack_bits(values, bits)
-    assert packed.dtype == np.uint8 and packed.shape == (7, -(-13 * bits // 8))
-    np.testing.assert_array_equal(_unpack_bits(packed, bits, 13), values)
-    np.testing.assert_array_equal(_unpack_bits(packed[3:5], bits, 13), values[3:5])  # rows stand alone
+    assert packed.dtype == np.uint8 and packed.shape == (7, -(-width * bits // 8))
+    np.testing.assert_array_equal(_unpack_bits(packed, bits, width), values)
+    np.testing.assert_array_equal(_unpack_bits(packed[3:5], bits, width), values[3:5])  # rows stand alone
+    # The byte-wise reader against a plain bit-by-bit one.
+    flat = np.unpackbits(packed, axis=-1, count=width * bits, bitorder="little").reshape(7, width, bits)
+    np.testing.assert_array_equal(_unpack_bits(packed, bits, width), flat.astype(np.int64) @ (1 << np.arange(bits)))
+
+
+def test_batch_targets_equal_the_examples_targets_across_shards(tmp_path, teacher_dir, student_dir, train_file):
+    # The batch reader gathers all rows of a shard at once; it must equal reading example by example.
+    cache = {"precision": "int4", "pack_ids": True, "tail_samples": 3}
+    recipe = recipe_from_dict(recipe_dict(teacher_dir, student_dir, train_file, tmp_path, cache=cache))
+    root = build_cache(recipe, **QUIET)
+    tokenizer, examples, _ = trainer_view(recipe)
+    manifest = read_manifest(root)
+    assert len(manifest["shards"]) > 1
+    reader = open_cache_for_training(recipe, tokenizer, examples)
+    indices = [len(examples) - 1, 0, 3, len(examples) - 1, 1]  # shards out of order, an example twice
+    width = max(len(examples[i].input_ids) for i in indices) + 2
+    batch = reader.targets(torch.tensor(indices), width)
+    assert len(batch) == len(indices) * width
+    for row, example in enumerate(indices):
+        one = reader.example_targets(example)
+        mask = torch.tensor(examples[example].loss_mask[1 : width + 1], dtype=torch.bool)
+        where = mask.nonzero().squeeze(1) + row * width
+        assert torch.equal(batch.ids[where], one.ids)
+        assert torch.equal(batch.log_probs[where], one.log_probs)
+        assert torch.equal(batch.log_rest[where], one.log_rest)
+        others = torch.ones(width, dtype=torch.bool)
+        others[where - row * width] = False
+        assert (batch.ids[row * width : (row + 1) * width][others] == -1).all()
 
 
 def test_packed_ids_and_int4_read_back_within_half_a_step(tmp_path, teacher_dir, student_dir, train_file):

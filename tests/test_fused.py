@@ -356,3 +356,19 @@ def test_bad_arguments_are_rejected():
         fused_loss_sums(hidden, student, labels, vocab_size=54)
     with pytest.raises(ValueError, match="divergence"):
         fused_loss_sums(hidden, student, labels, divergence="kl")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("tail", ["bucket", "uniform"])
+@pytest.mark.parametrize(("kd_weight", "ce_weight"), [(1.0, 0.0), (1.0, 0.5), (0.0, 1.0)])
+def test_sparse_forward_kl_closed_form_matches_sparse_reference(temperature, tail, kd_weight, ce_weight):
+    # The sparse forward-KL chunk skips autograd and shares one log-softmax with the cross-entropy; at τ = 1 the
+    # cross-entropy's gradient is folded into the divergence's pass.
+    from dataclasses import replace
+
+    hidden, student, labels, t_hidden, teacher = _problem()
+    targets = replace(top_k_targets(teacher.logits(t_hidden), 6, vocab_size=50), tail=tail)
+    objective = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
+    fused = fused_loss_sums(hidden, student, labels, sparse=targets, vocab_size=50, chunk_rows=8, **objective)
+    dense = _dense(hidden, student, labels, 50, sparse=targets, vocab_size=50, **objective)
+    _check(fused, dense, _params(hidden, student))

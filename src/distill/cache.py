@@ -246,10 +246,31 @@ def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _unpack_bits(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
-    """Inverse of `_pack_bits`: (n, bytes) uint8 -> (n, width) int64."""
-    flat = np.unpackbits(packed, axis=-1, count=width * bits, bitorder="little")  # (n, width·bits)
-    weights = (1 << np.arange(bits, dtype=np.int64)).astype(np.int64)
-    return flat.reshape(len(packed), width, bits).astype(np.int64) @ weights
+    """Inverse of `_pack_bits`: (n, bytes) uint8 -> (n, width) int64.
+
+    Read per batch during training, so it works on whole bytes rather than on single bits: value i starts at
+    bit i·bits, i.e. at bit (i·bits mod 8) of byte ⌊i·bits / 8⌋, and spans at most ⌈(bits + 7) / 8⌉ bytes; those
+    bytes are gathered for all values at once, combined little-endian into a uint64 (bits ≤ 32 keeps the shifted
+    value within 64 bits), shifted and masked. int4 codes (two per byte) are the low and high nibbles.
+    """
+    packed = np.asarray(packed, dtype=np.uint8)
+    n = len(packed)
+    if bits == 4:
+        nibbles = np.empty((n, packed.shape[1], 2), dtype=np.uint8)
+        np.bitwise_and(packed, 15, out=nibbles[..., 0])
+        np.right_shift(packed, 4, out=nibbles[..., 1])
+        return nibbles.reshape(n, -1)[:, :width].astype(np.int64)
+    if bits > 32:
+        raise ValueError(f"ids of {bits} bits are not supported")
+    start = np.arange(width, dtype=np.int64) * bits  # (width,) first bit of each value
+    first_byte, shift = start // 8, (start % 8).astype(np.uint64)
+    spans = (bits + 7 + 7) // 8  # bytes a value may touch, starting mid-byte
+    padded = np.zeros((n, packed.shape[1] + spans), dtype=np.uint8)  # reading past the row's end sees zeros
+    padded[:, : packed.shape[1]] = packed
+    value = np.zeros((n, width), dtype=np.uint64)
+    for b in range(spans):
+        value |= padded[:, first_byte + b].astype(np.uint64) << np.uint64(8 * b)
+    return ((value >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def _encode_log_probs(lp: torch.Tensor, used: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
@@ -1041,9 +1062,14 @@ class CacheReader:
     def _rows(self, example: int) -> dict[str, np.ndarray]:
         """The stored arrays of one example's loss tokens, in position order (log-probs decoded to float32)."""
         s = int(np.searchsorted(self._firsts, example, side="right")) - 1
-        arrays = self._shard(s)
+        offsets = self._shard(s)["offsets"]
         j = example - self.manifest["shards"][s]["first_example"]
-        rows = slice(int(arrays["offsets"][j]), int(arrays["offsets"][j + 1]))
+        return self._read(s, slice(int(offsets[j]), int(offsets[j + 1])))
+
+    def _read(self, shard: int, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """The stored arrays of `rows` (a slice or an index array) of one shard, log-probs decoded to float32.
+        Each stored array is read (and each packed one decoded) once for all the rows."""
+        arrays = self._shard(shard)
         precision = self.manifest["precision"]
         prefix = "" if self.representation == "top_k" else "sample_"
         if self._bits:
@@ -1094,18 +1120,30 @@ class CacheReader:
         Rows of positions that do not count hold no information (all mass in the tail); the losses skip them.
         """
         indices = example_indices.tolist() if isinstance(example_indices, torch.Tensor) else list(example_indices)
+        # Vectorized over the batch: per shard, the stored rows of all its examples are gathered with one index
+        # array, so each stored array is read and decoded once per batch instead of once per example.
+        shards = np.searchsorted(self._firsts, np.asarray(indices, dtype=np.int64), side="right") - 1  # (B,)
         parts, positions = [], []
-        for row, example in enumerate(indices):
-            mask = np.asarray(self.examples[example].loss_mask[1 : width + 1], dtype=np.bool_)
-            part = self._rows(example)
-            if len(part["ids"]) != int(mask.sum()):
-                raise DistillError(
-                    f"teacher cache {self.root}: example {example} has {len(part['ids'])} stored tokens, "
-                    f"the batch {int(mask.sum())} (the cache does not match this data)"
-                )
-            parts.append(part)
-            positions.append(np.flatnonzero(mask) + row * width)
-        stored = self._to_targets({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})  # (M, s)
+        for shard in dict.fromkeys(shards.tolist()):  # the batch's shards, in first-seen order
+            offsets = np.asarray(self._shard(shard)["offsets"], dtype=np.int64)
+            first = self.manifest["shards"][shard]["first_example"]
+            rows, where = [], []
+            for row in np.flatnonzero(shards == shard).tolist():
+                example = indices[row]
+                mask = np.asarray(self.examples[example].loss_mask[1 : width + 1], dtype=np.bool_)
+                start, end = int(offsets[example - first]), int(offsets[example - first + 1])
+                if end - start != int(mask.sum()):
+                    raise DistillError(
+                        f"teacher cache {self.root}: example {example} has {end - start} stored tokens, "
+                        f"the batch {int(mask.sum())} (the cache does not match this data)"
+                    )
+                rows.append(np.arange(start, end))
+                where.append(np.flatnonzero(mask) + row * width)
+            parts.append(self._read(shard, np.concatenate(rows)))
+            positions.extend(where)
+        stored = self._to_targets(
+            parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        )  # (M, s)
         where = torch.from_numpy(np.concatenate(positions))  # (M,) flat positions in the (B, width) grid
         n = len(indices) * width
         ids = torch.full((n, self.width), -1, dtype=torch.long).index_copy_(0, where, stored.ids)  # (B·width, s)

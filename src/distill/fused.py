@@ -8,7 +8,8 @@ states are inputs; for each chunk of n tokens the forward pass
 1. forms the chunk's logits from the hidden states and the output head (`distill.heads.OutputHead`: weight,
    bias, logit scale, softcap), the teacher's without gradient;
 2. evaluates the objective on them with the shared definitions of `distill.losses` (or `distill.sparse` for
-   stored top-k targets), and differentiates it w.r.t. the chunk's logits right away with autograd;
+   stored top-k targets), and differentiates it w.r.t. the chunk's logits right away, with autograd or, for
+   forward KL / reverse KL / cross-entropy and for forward KL against sparse targets, in closed form;
 3. turns that (n, V) gradient into the gradients of the hidden states (n, H), the weight (V, H) and the bias,
    accumulated in float32, and frees everything of size (n, V).
 
@@ -48,7 +49,7 @@ from distill.losses import (
     token_cross_entropy,
     token_divergence,
 )
-from distill.sparse import SparseTargets, sparse_token_divergence
+from distill.sparse import SparseTargets, is_forward_kl, sparse_forward_kl_chunk, sparse_token_divergence
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 
@@ -128,6 +129,17 @@ def _closed_form_chunk(
     no finite training state reaches. Every label in the chunk is counted (uncounted tokens were dropped).
     """
     tau = obj.temperature
+    if teacher_logits is None:
+        # Hard labels only: one log-softmax whose buffer becomes the softmax and then, in place, the gradient
+        # (the cross-entropy is -log_softmax[label], as F.cross_entropy computes it; no floor is needed).
+        s1 = torch.log_softmax(logits, dim=-1)  # (n, V)
+        ce = -s1.gather(1, labels.unsqueeze(1)).sum()
+        kd = logits.new_zeros(())
+        if not need_grad:
+            return kd, ce, None
+        grad = s1.exp_().mul_(obj.ce_weight)  # (n, V) zero when the cross-entropy is not part of the loss
+        grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((labels.shape[0], 1), -obj.ce_weight))
+        return kd, ce, grad
     s = log_probs(logits, tau)  # (n, V)
     # At τ = 1 the student log-probabilities are the cross-entropy's own log-softmax; reuse them.
     s1 = s if tau == 1.0 else log_probs(logits, 1.0)  # (n, V)
@@ -202,7 +214,13 @@ def _chunk_objective(
         raw = raw.detach().requires_grad_(need_grad and post)
         logits = head.finish(raw)  # (n, V)
     direction = None if targets is not None else _closed_form_direction(obj, teacher_logits is not None)
-    if direction is not None:
+    if targets is not None and is_forward_kl(obj.divergence, obj.beta, obj.skew):
+        # Closed form against sparse targets: no autograd, and one log-softmax for the divergence and the
+        # reported cross-entropy (`sparse.sparse_forward_kl_chunk`).
+        kd, ce, grad = sparse_forward_kl_chunk(
+            logits.detach(), targets, labels, obj.temperature, obj.kd_weight, obj.ce_weight, need_grad
+        )
+    elif direction is not None:
         kd, ce, grad = _closed_form_chunk(logits.detach(), teacher_logits, labels, obj, direction, need_grad)
     else:
         kd, ce, grad = _generic_chunk(logits, teacher_logits, targets, labels, obj, need_grad)

@@ -49,7 +49,9 @@ for every divergence that stays finite there (all but reverse_kl, jsd with β = 
 
 Forward KL (and jsd β = 0, skew_forward_kl α = 0, which are forward KL) has a closed-form gradient,
 τ·(p_student − q) with q the teacher's (bucket: per-token) target, so it skips autograd through the (N, V)
-softmax; the other divergences go through autograd.
+softmax; the other divergences go through autograd. Its (N, V) work is one log-softmax whose buffer becomes the
+probabilities and then, in place, the gradient; `sparse_forward_kl_chunk` (used by `distill.fused`) also reads
+the cross-entropy off that same log-softmax and folds its gradient into the same pass, with no autograd at all.
 """
 
 from __future__ import annotations
@@ -197,6 +199,70 @@ def _dense_teacher(
     return dense.clamp_min(LOG_PROB_FLOOR)
 
 
+def _forward_kl_in_place(
+    s: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, used: torch.Tensor, others: torch.Tensor, uniform: bool
+) -> tuple[torch.Tensor, tuple]:
+    """Per-token KL(teacher ‖ student) (not yet times τ²) from the student's log-probs `s` (N, V) at τ, which are
+    turned in place into the student's probabilities p: one (N, V) buffer serves both, and the caller may read
+    other columns of `s` (the cross-entropy's label) before calling. Returns (kl (N,), state for
+    `_forward_kl_grad_in_place`); state[0] is p.
+
+    teacher (N, k+1) floored log-probs at τ; ids (N, k) in range; used (N, k) bool; others (N,).
+    """
+    # Unused slots point at the row's first used id, so that every scatter/gather on a column carries the
+    # same value (deterministic); a row without used slots leaves p as it is.
+    any_used = used.any(-1, keepdim=True)  # (N, 1)
+    first_used = ids.gather(-1, used.int().argmax(-1, keepdim=True))  # (N, 1)
+    target_cols = torch.where(used, ids, first_used)  # (N, k)
+    s_ids = torch.where(used, s.gather(-1, ids).clamp_min(LOG_PROB_FLOOR), LOG_PROB_FLOOR)  # (N, k)
+    all_sum = None
+    if uniform:
+        # Σ of the floored log-probs over all columns (floored like `losses.log_probs`). Flooring in place is
+        # harmless for p below: exp of anything at or under -1e6 is 0 either way.
+        all_sum = s.clamp_min_(LOG_PROB_FLOOR).sum(-1)  # (N,)
+    p = s.exp_()  # (N, V) the student's probabilities, in the log-probs' buffer
+    # The tail mass as a sum of the tail's own probabilities, not 1 − Σ p_ids: no cancellation when it is tiny.
+    # The ids' columns are zeroed in place for the sum and then written back with the very values read out,
+    # which costs two (N, k) scatters instead of an (N, V) copy.
+    p_cols = p.gather(-1, target_cols)  # (N, k) p at the ids (unused slots: the first used id's)
+    p.scatter_(-1, target_cols, torch.where(any_used, 0.0, p_cols))
+    s_tail = p.sum(-1).log().clamp_min(LOG_PROB_FLOOR)  # (N,) log tail mass
+    p.scatter_(-1, target_cols, p_cols)  # p restored exactly
+    student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1)  # (N, k+1)
+    t_prob = teacher.exp()  # (N, k+1)
+    kl = (t_prob * (teacher - student)).sum(-1)  # (N,) the coarse (bucket) divergence
+    log_others = others.clamp_min(1).float().log()  # (N,)
+    if uniform:
+        # + tail mass × KL(uniform over the others ‖ the student's tail renormalized).
+        # Σ over the tail = Σ over all − Σ over the ids; the rounding left is far below the mean's own size.
+        tail_mean = (all_sum - torch.where(used, s_ids, 0.0).sum(-1)) / others.clamp_min(1)  # (N,)
+        within = s_tail - log_others - tail_mean  # (N,)
+        kl = kl + torch.where(others > 0, t_prob[:, -1] * within, 0.0)
+    return kl, (p, p_cols, t_prob, target_cols, used, any_used, s_tail, log_others)
+
+
+def _forward_kl_grad_in_place(state: tuple, scale: torch.Tensor | float, uniform: bool, plus_p: float = 0.0):
+    """Turn the state's p (N, V) in place into scale·(p − q) + plus_p·p, q the teacher's target (module
+    docstring), and return it. `scale` is a number or (N, 1); `plus_p` adds the cross-entropy's softmax term at
+    τ = 1 (its −1 at the label is the caller's), folded into the same pass over (N, V)."""
+    p, p_cols, t_prob, target_cols, used, any_used, s_tail, log_others = state
+    t_ids, t_tail = t_prob[:, :-1], t_prob[:, -1]  # (N, k), (N,)
+    # Every column as a tail token first, then the ids' columns overwritten with p − t. Overwritten, not
+    # corrected by adding: p·(1 − ratio) + p·ratio would cancel badly when the ratio is large.
+    if uniform:
+        share = (t_tail.clamp_min(1e-45).log() - log_others).exp()  # (N,) each tail token's even share
+        p.mul_(scale + plus_p).sub_(share.unsqueeze(-1) * scale)  # (N, V) scale·(p − share) + plus_p·p
+    else:
+        ratio = (t_tail.clamp_min(1e-45).log() - s_tail).exp()  # (N,) teacher tail mass / student tail mass
+        p.mul_((1.0 - ratio).unsqueeze(-1) * scale + plus_p)  # scale·(p − t_tail · p / S_tail) + plus_p·p
+    at_ids = (p_cols - t_ids) * scale + plus_p * p_cols  # (N, k) at the used slots
+    # Unused slots point at the row's first used id: give them that slot's value, so every write agrees.
+    first = used.int().argmax(-1, keepdim=True)  # (N, 1)
+    at_ids = torch.where(used, at_ids, at_ids.gather(-1, first))
+    at_ids = torch.where(any_used, at_ids, p.gather(-1, target_cols))  # no used slot: leave the row as is
+    return p.scatter_(-1, target_cols, at_ids)
+
+
 class _ForwardKL(torch.autograd.Function):
     """τ²·KL(teacher ‖ student) per token against distinct sparse targets, with the closed-form gradient
     τ·(p − q): q is the teacher's probability at each id and, on a tail token j, the teacher's tail mass times
@@ -205,58 +271,28 @@ class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, teacher, ids, used, others, temperature, uniform):
         # logits (N, V) float; teacher (N, k+1) floored log-probs at τ; ids (N, k) in range; used (N, k) bool
-        z = logits.float() if temperature == 1.0 else logits.float() / temperature  # (N, V)
-        lse = z.logsumexp(-1, keepdim=True)  # (N, 1)
-        p = (z - lse).exp_()  # (N, V) the student's probabilities; no (N, V) log-probs are kept
-        # The tail mass as a sum of the tail's own probabilities, not 1 − Σ p_ids: no cancellation when it is
-        # tiny. The ids' columns are zeroed by one scatter; unused slots are pointed at the row's first used id
-        # so that every write to a column carries the same value (deterministic), and a row without used slots
-        # writes p back unchanged.
-        any_used = used.any(-1, keepdim=True)  # (N, 1)
-        first_used = ids.gather(-1, used.int().argmax(-1, keepdim=True))  # (N, 1)
-        target_cols = torch.where(used, ids, first_used)  # (N, k)
-        fill = torch.where(any_used, 0.0, p.gather(-1, target_cols))  # (N, k)
-        s_tail = p.scatter(-1, target_cols, fill).sum(-1).log().clamp_min(LOG_PROB_FLOOR)  # (N,) log tail mass
-        s_ids = torch.where(used, (z.gather(-1, ids) - lse).clamp_min(LOG_PROB_FLOOR), LOG_PROB_FLOOR)  # (N, k)
-        student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1)  # (N, k+1)
-        t_prob = teacher.exp()  # (N, k+1)
-        kl = (t_prob * (teacher - student)).sum(-1)  # (N,) the coarse (bucket) divergence
-        has_tail = others > 0  # (N,)
-        log_others = others.clamp_min(1).float().log()  # (N,)
-        if uniform:
-            # + tail mass × KL(uniform over the others ‖ the student's tail renormalized).
-            # Σ over the tail = Σ over all − Σ over the ids; the rounding left is far below the mean's own size.
-            all_sum = (z - lse).clamp_min_(LOG_PROB_FLOOR).sum(-1)  # (N,) floored like `losses.log_probs`
-            tail_mean = (all_sum - torch.where(used, s_ids, 0.0).sum(-1)) / others.clamp_min(1)  # (N,)
-            within = s_tail - log_others - tail_mean  # (N,)
-            kl = kl + torch.where(has_tail, t_prob[:, -1] * within, 0.0)
-        ctx.save_for_backward(p, t_prob, target_cols, used, any_used, s_tail, log_others)
+        s = log_probs_unfloored(logits, temperature)  # (N, V), becomes p in place
+        kl, state = _forward_kl_in_place(s, teacher, ids, used, others, uniform)
+        ctx.save_for_backward(*state)
         ctx.temperature, ctx.uniform, ctx.dtype = temperature, uniform, logits.dtype
         return kl * (temperature * temperature)
 
     @staticmethod
     def backward(ctx, grad_out):
-        p, t_prob, target_cols, used, any_used, s_tail, log_others = ctx.saved_tensors
-        t_ids, t_tail = t_prob[:, :-1], t_prob[:, -1]  # (N, k), (N,)
-        # Every column as a tail token first, then the ids' columns overwritten with p − t. Overwritten, not
-        # corrected by adding: p·(1 − ratio) + p·ratio would cancel badly when the ratio is large.
-        if ctx.uniform:
-            share = (t_tail.clamp_min(1e-45).log() - log_others).exp()  # (N,) each tail token's even share
-            grad = p - share.unsqueeze(-1)  # (N, V) a new tensor: p stays saved
-        else:
-            ratio = (t_tail.clamp_min(1e-45).log() - s_tail).exp()  # (N,) teacher tail mass / student tail mass
-            grad = p * (1.0 - ratio).unsqueeze(-1)  # (N, V) p − t_tail · p / S_tail
-        at_ids = p.gather(-1, target_cols) - t_ids  # (N, k) p − t at the used slots
-        # Unused slots point at the row's first used id: give them that slot's value, so every write agrees.
-        first = used.int().argmax(-1, keepdim=True)  # (N, 1)
-        at_ids = torch.where(used, at_ids, at_ids.gather(-1, first))
-        at_ids = torch.where(any_used, at_ids, grad.gather(-1, target_cols))  # no used slot: leave the row as is
-        grad.scatter_(-1, target_cols, at_ids)
-        grad.mul_(grad_out.unsqueeze(-1) * ctx.temperature)  # d(τ²·KL)/d(logits) = τ·(p − q)
+        state = list(ctx.saved_tensors)
+        state[0] = state[0].clone()  # (N, V) the saved p stays intact (backward may run again with retain_graph)
+        grad = _forward_kl_grad_in_place(tuple(state), grad_out.unsqueeze(-1) * ctx.temperature, ctx.uniform)
         return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
-def _is_forward_kl(divergence: str, beta: float, skew: float) -> bool:
+def log_probs_unfloored(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 log-softmax of logits / τ in one kernel (a new tensor). (N, V) -> (N, V)."""
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def is_forward_kl(divergence: str, beta: float, skew: float) -> bool:
+    """Whether the objective is forward KL (jsd β = 0 and skew_forward_kl α = 0 are)."""
     return (
         divergence == "forward_kl"
         or (divergence == "jsd" and beta == 0.0)
@@ -285,7 +321,7 @@ def sparse_token_divergence(
     with torch.no_grad():
         teacher, used, others = _teacher_buckets(targets, temperature, vocab)  # (N, k+1), (N, k), (N,)
         safe_ids = targets.ids.clamp(0, vocab - 1)  # (N, k) unused slots point anywhere; they are masked below
-    if _is_forward_kl(divergence, beta, skew):
+    if is_forward_kl(divergence, beta, skew):
         return _ForwardKL.apply(logits, teacher, safe_ids, used, others, temperature, uniform)
     with torch.no_grad():
         in_ids = _in_ids(logits.shape, safe_ids, used)  # (N, V)
@@ -300,6 +336,51 @@ def sparse_token_divergence(
         student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1).clamp_min(LOG_PROB_FLOOR)  # (N, k+1)
         per_token = divergence_from_log_probs(student, teacher, divergence, beta, skew)  # (N,)
     return per_token * (temperature * temperature)
+
+
+def sparse_forward_kl_chunk(
+    logits: torch.Tensor,
+    targets: SparseTargets,
+    labels: torch.Tensor,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward KL to sparse targets for the fused loss, with no autograd: (Σ τ²·KL, Σ cross-entropy at τ = 1,
+    d(kd_weight·Σ τ²·KL + ce_weight·Σ CE)/d(logits) or None). Every row counts. logits (n, V) float32,
+    targets of n tokens, labels (n,) in [0, V).
+
+    The same values as `sparse_token_divergence` and `losses.token_cross_entropy` with autograd, for less work:
+    one log-softmax serves the divergence and (at τ = 1) the cross-entropy, which is read at the labels before
+    that buffer becomes the probabilities and then, in place, the gradient; so a chunk makes about as many
+    passes over (n, V) as the hard-label loss alone (log-softmax, exp, one sum, one multiply).
+    """
+    vocab = logits.shape[-1]
+    targets = targets.merged()
+    uniform = targets.tail == "uniform"
+    teacher, used, others = _teacher_buckets(targets, temperature, vocab)  # (n, k+1), (n, k), (n,)
+    safe_ids = targets.ids.clamp(0, vocab - 1)  # (n, k) unused slots point anywhere; they are masked
+    at_label = labels.unsqueeze(1)  # (n, 1)
+    s = log_probs_unfloored(logits, temperature)  # (n, V)
+    # The cross-entropy is -log_softmax(logits)[label], exactly what F.cross_entropy computes.
+    s1 = s if temperature == 1.0 else log_probs_unfloored(logits, 1.0)  # (n, V)
+    ce = -s1.gather(1, at_label).sum()
+    kl, state = _forward_kl_in_place(s, teacher, safe_ids, used, others, uniform)  # s is p from here on
+    kd = kl.sum() * (temperature * temperature)
+    if not need_grad:
+        return kd, ce, None
+    # At τ = 1 the cross-entropy's softmax is the divergence's p: its term is folded into the same pass.
+    folded = ce_weight if temperature == 1.0 else 0.0
+    if kd_weight:
+        grad = _forward_kl_grad_in_place(state, kd_weight * temperature, uniform, folded)  # (n, V)
+    else:
+        grad = state[0].mul_(folded)  # (n, V) no divergence term; the softmax term at τ = 1 (or zero)
+    if ce_weight:
+        if temperature != 1.0:
+            grad.add_(s1.exp_(), alpha=ce_weight)  # softmax at τ = 1
+        grad.scatter_add_(1, at_label, grad.new_full(at_label.shape, -ce_weight))
+    return kd, ce, grad
 
 
 def sparse_loss_sums(
