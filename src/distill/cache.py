@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from distill import atomic
-from distill.data import Example, collate, pad_id_of
+from distill.data import Example, collate, forward_inputs, pad_id_of
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.sparse import SparseTargets, tail_half_mass
@@ -465,9 +465,7 @@ def _shard_arrays(teacher, examples: Sequence[Example], plan: dict, index: int, 
 
     for start in range(0, len(chosen), plan["teacher_batch_size"]):
         batch = collate(chosen[start : start + plan["teacher_batch_size"]], pad_id)
-        logits = teacher(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits[:, :-1, :vocab]  # (B, T-1, V)
+        logits = teacher(**forward_inputs(batch, device)).logits[:, :-1, :vocab]  # (B, T-1, V)
         counted = (batch["labels"] != IGNORE_INDEX).to(device)  # (B, T-1)
         lp = torch.log_softmax(logits[counted].float(), dim=-1).cpu()  # (n, V) rows in example, position order
         if k is not None:

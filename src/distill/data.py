@@ -39,6 +39,9 @@ class Example:
 
     input_ids: list[int]
     loss_mask: list[bool]
+    # Packed blocks only: each token's position inside its own document (restarting at 0 where a document
+    # starts). transformers turns restarting position ids into per-document causal attention.
+    positions: list[int] | None = None
 
     @property
     def loss_tokens(self) -> int:
@@ -360,7 +363,31 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         loss_mask[row, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
     targets = input_ids[:, 1:]  # (B, T-1)
     labels = torch.where(loss_mask[:, 1:], targets, torch.full_like(targets, -100))  # (B, T-1)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.positions is not None for e in examples):
+        # Padding restarts at 0 too, so it is a document of its own that no real token attends to.
+        position_ids = torch.arange(width).repeat(len(examples), 1)  # (B, T)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            if e.positions is not None:
+                position_ids[row, :n] = torch.tensor(e.positions, dtype=torch.long)
+            position_ids[row, n:] = torch.arange(width - n)
+        batch["position_ids"] = position_ids
+    return batch
+
+
+def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a model's forward for a collated batch, on `device`.
+
+    A packed batch carries `position_ids` that restart at each document and no attention mask: transformers
+    derives per-document causal attention from restarting position ids only when the 2-D mask is absent. Right
+    padding needs no mask under causal attention (no real token sees a later pad), so dropping it is exact.
+    """
+    if "position_ids" in batch:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
 
 def pad_id_of(tokenizer) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data import Example, build_examples, collate, pad_id_of, read_rows
+from distill.data import Example, build_examples, collate, forward_inputs, pad_id_of, read_rows
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX, log_probs, token_cross_entropy
 from distill.models import (
@@ -81,13 +81,12 @@ def evaluate_batches(
     """Mean cross-entropy, top-1 accuracy and, with a teacher, KL(teacher ‖ student) and agreement."""
     total = TokenSums()
     for batch in batches:
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
+        inputs = forward_inputs(batch, device)
         labels = batch["labels"].to(device)
-        logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab_size]
+        logits = student(**inputs).logits[:, :-1, :vocab_size]
         teacher_logits = None
         if teacher is not None:
-            teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab_size]
+            teacher_logits = teacher(**inputs).logits[:, :-1, :vocab_size]
         total.add(token_sums(logits, labels, teacher_logits))
     means = total.means()
     if teacher is None:  # nothing to compare with: leave the teacher metrics out rather than report zeros
@@ -190,7 +189,7 @@ def counted_bytes(examples: Sequence[Example], tokenizer) -> int:
 
 def _logits(model, batch: dict[str, torch.Tensor], device: torch.device, vocab_size: int) -> torch.Tensor:
     """Logits over the real vocabulary, aligned with `labels`: output i predicts input token i+1. (B, T-1, V)"""
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    out = model(**forward_inputs(batch, device))
     return out.logits[:, :-1, :vocab_size]
 
 

@@ -24,7 +24,9 @@ from distill.errors import DistillError
 
 
 class StudentLoss(nn.Module):
-    """forward(batch, teacher signal) -> (loss to back-propagate, divergence sum, cross-entropy sum).
+    """forward(model inputs, labels, normalizer, teacher signal) -> (loss to back-propagate, kd sum, ce sum).
+
+    The model inputs are `distill.data.forward_inputs` of the batch (position ids instead of a mask when packed).
 
     The sums run over the micro-batch's loss tokens; the loss is (kd_weight·kd_sum + ce_weight·ce_sum) / normalizer.
     Exactly one teacher signal is given: full `teacher_logits` (B, T-1, V), `teacher_hidden` (B, T-1, Ht) with the
@@ -40,8 +42,7 @@ class StudentLoss(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
         labels: torch.Tensor,
         normalizer: float,
         teacher_logits: torch.Tensor | None = None,
@@ -50,8 +51,8 @@ class StudentLoss(nn.Module):
     ):
         o = self.objective
         if o.fused:
-            return self._fused(input_ids, attention_mask, labels, normalizer, teacher_hidden, sparse)
-        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+            return self._fused(inputs, labels, normalizer, teacher_hidden, sparse)
+        logits = self.student(**inputs).logits
         logits = logits[:, :-1, : self.vocab_size]  # (B, T-1, V): output i predicts token i+1
         if sparse is not None:
             from distill.sparse import sparse_loss_sums
@@ -72,12 +73,12 @@ class StudentLoss(nn.Module):
         loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
         return loss, kd_sum.detach(), ce_sum.detach()
 
-    def _fused(self, input_ids, attention_mask, labels, normalizer, teacher_hidden, sparse):
+    def _fused(self, inputs, labels, normalizer, teacher_hidden, sparse):
         from distill.fused import fused_loss_sums
         from distill.heads import backbone_hidden_states, output_head
 
         o = self.objective
-        hidden = backbone_hidden_states(self.student, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+        hidden = backbone_hidden_states(self.student, **inputs)[:, :-1]  # (B, T-1, H)
         return fused_loss_sums(
             hidden,
             output_head(self.student),

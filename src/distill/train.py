@@ -30,7 +30,15 @@ from distill.checkpoint import (
     set_rng_state,
 )
 from distill.config import Recipe
-from distill.data import build_examples, collate, iter_batches, pad_id_of, split_eval, step_example_indices
+from distill.data import (
+    build_examples,
+    collate,
+    forward_inputs,
+    iter_batches,
+    pad_id_of,
+    split_eval,
+    step_example_indices,
+)
 from distill.errors import DistillError
 from distill.evaluate import evaluate_batches
 from distill.heads import output_head
@@ -222,7 +230,7 @@ def step_loss(
     from distill.heads import backbone_hidden_states
 
     o = recipe.objective
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    inputs, labels = forward_inputs(batch), batch["labels"]
     signal = {}
     if o.kd_weight > 0 and teacher_signal is not None:
         # Stored targets, one row per position of the (B, T-1) label grid.
@@ -230,12 +238,12 @@ def step_loss(
     elif o.kd_weight > 0 and models.teacher is not None:
         with torch.no_grad():
             if o.fused:
-                hidden = backbone_hidden_states(models.teacher, input_ids, attention_mask)
+                hidden = backbone_hidden_states(models.teacher, **inputs)
                 signal["teacher_hidden"] = hidden[:, :-1]  # (B, T-1, Ht)
             else:
-                logits = models.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = models.teacher(**inputs).logits
                 signal["teacher_logits"] = logits[:, :-1, : models.vocab_size]  # (B, T-1, V)
-    return loss_module(input_ids, attention_mask, labels, normalizer, **signal)
+    return loss_module(inputs, labels, normalizer, **signal)
 
 
 # ---------------------------------------------------------------- the run
