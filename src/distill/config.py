@@ -238,6 +238,11 @@ class ReportConfig(Section):
 
 class OutputConfig(Section):
     dir: str = Field("./runs/distill", description="Run folder: student/, checkpoints/, metrics.jsonl, reports.")
+    dtype: Dtype = Field(
+        "auto",
+        description="dtype of the saved student; auto = the stored dtype of the model it started from "
+        "(student.path, or the teacher for student.from_teacher; float32 for student.config).",
+    )
 
 
 class Recipe(Section):

@@ -398,7 +398,10 @@ def fused_loss_sums(
     if not isinstance(normalizer, torch.Tensor):
         normalizer = torch.tensor(float(normalizer), dtype=torch.float32, device=hidden.device)
     # Like the count in `losses.masked_mean`: a batch without loss tokens gives 0, not 0/0 = NaN.
-    normalizer = normalizer.detach().float().clamp_min(1.0)
+    # No clamp at 1 here: under DDP the caller passes (global loss tokens) / world size, which is below 1 when a
+    # step has fewer loss tokens than processes; the caller clamps the count before dividing. This only keeps
+    # a zero from dividing.
+    normalizer = normalizer.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
     return _FusedLinearDivergence.apply(
         hidden,
         student_head.weight,

@@ -25,6 +25,14 @@ CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def stored_dtype(config) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (None when it does not say)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        return DTYPES.get(value.removeprefix("torch."))
+    return value if value in DTYPES.values() else None
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on a GPU that supports it and float32 elsewhere (CPU bf16 matmuls are slow)."""
     if name != "auto":

@@ -22,6 +22,7 @@ import torch
 from distill import atomic
 from distill.checkpoint import (
     RunState,
+    data_fingerprint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -45,6 +46,7 @@ from distill.heads import output_head
 from distill.losses import IGNORE_INDEX
 from distill.metrics import MetricsLog, ProgressDisplay
 from distill.models import (
+    DTYPES,
     Models,
     check_vocabulary,
     compare_tokenizers,
@@ -56,6 +58,7 @@ from distill.models import (
     max_context,
     new_model_from_config,
     resolve_dtype,
+    stored_dtype,
 )
 from distill.onpolicy import OnPolicy
 from distill.parallel import (
@@ -73,7 +76,22 @@ from distill.parallel import (
 
 # Recipe sections whose change makes a checkpoint meaningless for this run.
 _RESUME_SENSITIVE = ("teacher", "student", "data", "objective")
-_RESUME_SENSITIVE_TRAINING = ("batch_size", "grad_accum", "lr", "seed", "weight_decay", "betas", "schedule")
+# Training keys that shape the weights: the learning-rate schedule (steps, warm-up, decay), the data order, the
+# update itself. The rest (device, distributed, log/eval/save intervals, checkpoints kept) may change on resume.
+_RESUME_SENSITIVE_TRAINING = (
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "seed",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "mixed_precision",
+)
 
 
 @dataclass
@@ -362,9 +380,16 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
 
     state = RunState()
+    fingerprint = data_fingerprint(train_examples)
     if checkpoint is not None:
         state = _resume(checkpoint, loss_module, torch_optimizer, world, rank, accelerator.is_main_process)
+        if state.data_fingerprint and state.data_fingerprint != fingerprint:
+            raise DistillError(
+                f"--resume: the training examples differ from the checkpoint's (data.train {recipe.data.train} "
+                "was changed or rewritten since the run started); start a new run in another output.dir"
+            )
         log(f"resumed from {checkpoint} (step {state.step})")
+    state.data_fingerprint = fingerprint
     metrics = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     metrics.truncate_after(state.step)
 
@@ -389,7 +414,6 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     window_loss = torch.zeros(3, device=device)  # loss, kd, ce sums over steps since the last log line
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     run_start = time.perf_counter() - state.elapsed_s
-    grad_norm = torch.zeros((), device=device)
 
     progress = ProgressDisplay(t.steps, state.step, enabled=show_progress and accelerator.is_main_process)
     with progress:
@@ -423,8 +447,10 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                         loss, kd_sum, ce_sum = step_loss(loss_module, models, batch, recipe, normalizer, teacher_signal)
                     accelerator.backward(loss)
                 step_sums += torch.stack([kd_sum.float(), ce_sum.float()])
-            if t.max_grad_norm is not None:
-                grad_norm = clip_gradients(loss_module, accelerator, t.max_grad_norm, strategy)
+            # With clipping off the norm is still measured (an infinite threshold clips nothing): a user watching
+            # for exploding gradients needs it most when nothing holds them back.
+            max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
+            grad_norm = clip_gradients(loss_module, accelerator, max_norm, strategy)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -491,14 +517,18 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     # Under FSDP the student's weights are shards: gather them (every rank takes part) for rank 0 to save.
     student_state = _student_state(loss_module) if strategy == "fsdp" else None
     if accelerator.is_main_process:
-        save_student(student, tokenizer, recipe, summary, student_dir, student_state)
+        save_student(student, tokenizer, recipe, summary, student_dir, student_state, saved_dtype(recipe))
     accelerator.wait_for_everyone()
     log(f"student written to {student_dir}")
     result = TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
     # A run from a cache can still be reported on when the recipe names the teacher (it is loaded for the report).
     teacher_known = models.teacher is not None or (recipe.teacher.cache is not None and recipe.teacher.path is not None)
     if accelerator.is_main_process and recipe.report.enabled and teacher_known:
-        del optimizer, torch_optimizer
+        # The report loads teacher and student again from disk (the student as saved): let go of the training
+        # copies, the optimizer state and accelerate's references to them first, or the report's models and
+        # activations stack on top of training's and the whole run peaks above its training steps.
+        del optimizer, torch_optimizer, loss_module, student, models, teacher_head, teacher_signal, on_policy
+        accelerator.free_memory()  # drops accelerate's own references, then collects (modules hold cycles)
         write_run_report(recipe, result, eval_examples, accelerator.device, show_progress, log)
     return result
 
@@ -589,12 +619,60 @@ def _stop_if_diverged(first_bad_step: torch.Tensor, out: Path) -> None:
         raise DistillError(f"the loss became NaN or infinite at step {bad_step} (try a lower training.lr){last_good}")
 
 
-def save_student(model, tokenizer, recipe: Recipe, summary: dict, folder: Path, state_dict: dict | None = None) -> None:
+def saved_dtype(recipe: Recipe) -> torch.dtype:
+    """output.dtype, with auto = the stored dtype of what the student started from (float32 when unknown).
+
+    Training keeps float32 master weights; saving a student that began as a bfloat16 checkpoint in float32 would
+    double its folder and understate the report's size-on-disk ratio.
+    """
+    name = recipe.output.dtype
+    if name != "auto":
+        return DTYPES[name]
+    s, t = recipe.student, recipe.teacher
+    if s.path is not None:
+        stored = stored_dtype(load_config(s.path, "student", s.trust_remote_code, s.revision))
+    elif s.from_teacher is not None:
+        stored = stored_dtype(load_config(t.path, "teacher", t.trust_remote_code, t.revision))
+    else:
+        config = s.config or {}
+        stored = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch."))
+    return stored or torch.float32
+
+
+def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to `dtype`; tensors that shared storage (tied embeddings) still share it."""
+    cast_of: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, value in state.items():
+        if not value.is_floating_point():
+            out[name] = value
+            continue
+        key = (value.data_ptr(), tuple(value.shape), tuple(value.stride()))  # the same view, not just storage
+        if key not in cast_of:
+            cast_of[key] = value.to(dtype)
+        out[name] = cast_of[key]
+    return out
+
+
+def save_student(
+    model,
+    tokenizer,
+    recipe: Recipe,
+    summary: dict,
+    folder: Path,
+    state_dict: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """The final student: save_pretrained + tokenizer + recipe.yaml + summary.json, moved into place whole.
 
-    `state_dict` replaces the model's own weights (gathered FSDP shards)."""
+    `state_dict` replaces the model's own weights (gathered FSDP shards); weights are written in `dtype`, and
+    config.json says so (save_pretrained would record the in-memory float32)."""
     tmp = atomic.fresh_tmp_folder(folder)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    state = _cast_state(state_dict if state_dict is not None else model.state_dict(), dtype)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    atomic.write_json(tmp / "config.json", config)
     tokenizer.save_pretrained(tmp)
     (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     atomic.write_json(tmp / "summary.json", summary)
