@@ -32,7 +32,16 @@ def _recipe_file(tmp_path: Path, teacher_dir, train_file, cache_dir: Path, name:
         "teacher": {"path": str(teacher_dir)},
         "data": {"train": str(train_file), "max_length": 48},
         "training": {"device": "cpu"},
-        "cache": {"dir": str(cache_dir), "top_k": 8, "representation": "both", "sample_m": 6, "shard_tokens": 60},
+        "cache": {
+            "dir": str(cache_dir),
+            "top_k": 8,
+            "representation": "both",
+            "sample_m": 6,
+            "shard_tokens": 60,
+            "precision": "float16",
+            "pack_ids": False,
+            "tail_samples": 0,
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe_from_dict(content).model_dump(by_alias=True)))

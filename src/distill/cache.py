@@ -224,6 +224,8 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- quantization and bit packing
 
 _LEVELS = {"int8": 255, "int4": 15}  # highest code of each quantized precision
+# cache.tail_samples when the recipe leaves it out: with top-32, int4 and packed ids the best measured representation.
+DEFAULT_TAIL_SAMPLES = 8
 _PACK_ROWS = 1 << 14  # rows packed at a time: bounds the (rows, s, bits) scratch array
 
 
@@ -375,6 +377,9 @@ def _build_plan(
         "files": files,  # sizes and mtimes let a later run skip re-hashing unchanged weights
     }
     top_k = min(c.top_k, vocab_size) if stores_top_k else None
+    tail_samples = c.tail_samples if c.tail_samples is not None else DEFAULT_TAIL_SAMPLES
+    if generated is not None or top_k is None or top_k >= vocab_size:
+        tail_samples = c.tail_samples or 0  # no tail to draw from
     arrays = ["ids", "log_probs", "log_rest", "log_rest_half"] if stores_top_k else None
     if generated is not None:
         # The log-probs come from the file; the teacher's dtype played no part here (it did when generating).
@@ -402,7 +407,7 @@ def _build_plan(
         "representation": c.representation,
         "top_k": top_k,
         "top_k_arrays": arrays,
-        "tail_samples": c.tail_samples if stores_top_k and c.tail_samples else None,
+        "tail_samples": tail_samples if stores_top_k and tail_samples else None,
         "sample_m": c.sample_m if stores_sampled else None,
         "precision": c.precision,
         "seed": recipe.training.seed if generated is None else None,  # nothing is drawn from a generated file
