@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 
 from distill.data import Example, build_examples, collate, forward_inputs, pad_id_of, read_rows
 from distill.errors import DistillError
-from distill.losses import IGNORE_INDEX, log_probs, token_cross_entropy
+from distill.fused import DEFAULT_MEMORY_BUDGET_BYTES
+from distill.head_metrics import LogitRows, chunked_token_metrics, dense_rows, head_rows
+from distill.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
 from distill.models import (
     DTYPES,
     check_vocabulary,
@@ -26,10 +29,13 @@ from distill.models import (
     count_parameters,
     embedding_rows,
     has_tokenizer,
+    load_config,
     load_model,
     load_tokenizer,
+    max_context,
     resolve_dtype,
 )
+from distill.sampling import decode, eos_ids
 from distill.speed import SpeedSettings, measure_speed, model_device, size_on_disk
 
 
@@ -58,36 +64,88 @@ class TokenSums:
         }
 
 
-def token_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> TokenSums:
-    """Metric sums of one batch. logits (B, T, V) aligned with labels (B, T); teacher_logits like logits."""
-    counted = labels != IGNORE_INDEX  # (B, T)
-    weight = counted.float()
-    ce = (token_cross_entropy(logits, labels) * weight).sum()
-    prediction = logits.argmax(-1)  # (B, T)
-    correct = ((prediction == labels) & counted).sum()
-    sums = TokenSums(tokens=float(weight.sum()), cross_entropy=float(ce), correct=float(correct))
-    if teacher_logits is not None:
-        student_lp, teacher_lp = log_probs(logits), log_probs(teacher_logits)  # (B, T, V)
-        kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)  # (B, T)
-        sums.kl_to_teacher = float((kl * weight).sum())
-        sums.agreement = float(((prediction == teacher_logits.argmax(-1)) & counted).sum())
+def _sums(metrics: dict[str, torch.Tensor]) -> TokenSums:
+    """TokenSums of `chunked_token_metrics` results."""
+    sums = TokenSums(
+        tokens=float(metrics["index"].numel()),
+        cross_entropy=float(metrics["cross_entropy"].double().sum()),
+        correct=float(metrics["correct"].sum()),
+    )
+    if "kl_to_teacher" in metrics:
+        sums.kl_to_teacher = float(metrics["kl_to_teacher"].double().sum())
+        sums.agreement = float(metrics["agreement"].sum())
     return sums
+
+
+def token_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> TokenSums:
+    """Metric sums of one batch from full logits. logits (B, T, V) aligned with labels (B, T); teacher_logits like
+    logits. The dense counterpart of what `evaluate_batches` computes from hidden states."""
+    vocab = logits.shape[-1]
+    teacher = None if teacher_logits is None else dense_rows(teacher_logits.reshape(-1, vocab), vocab)
+    metrics = chunked_token_metrics(
+        dense_rows(logits.reshape(-1, vocab), vocab), labels.reshape(-1), teacher, vocab_size=vocab
+    )
+    return _sums(metrics)
+
+
+def checked_head(model, input_ids: torch.Tensor) -> OutputHead | None:
+    """The model's output head if applying it to the backbone's hidden states reproduces the model's own logits
+    on `input_ids` (B, T) (a few tokens); None otherwise: that model is then evaluated on its full logits, which
+    costs memory but is never wrong."""
+    try:
+        head = output_head(model)
+        verify_output_head(model, input_ids.to(model_device(model)), head=head)
+    except ValueError:
+        return None
+    return head
+
+
+def logit_rows(model, head: OutputHead | None, inputs: dict[str, torch.Tensor], vocab_size: int) -> LogitRows:
+    """One batch's logits of `model`, served a chunk of positions at a time, aligned with the (B, T-1) labels.
+
+    With a head: from the backbone's hidden states (B, T, H), never forming (B, T, V). Without (an architecture the
+    head cannot reproduce): from the forward's full logits. Rows are flat (B, T-1) positions; output position t of
+    row b sits at b·T + t of the (B·T) flattening, i.e. at index + index // (T-1).
+    """
+    width = inputs["input_ids"].shape[1] - 1
+    if head is not None:
+        hidden = backbone_hidden_states(model, **inputs)  # (B, T, H)
+        rows = head_rows(hidden.reshape(-1, hidden.shape[-1]), head, vocab_size)  # a view: no copy
+    else:
+        logits = model(**inputs).logits  # (B, T, V_model)
+        rows = dense_rows(logits.reshape(-1, logits.shape[-1]), vocab_size)
+    return lambda index: rows(index + torch.div(index, width, rounding_mode="floor"))
 
 
 @torch.no_grad()
 def evaluate_batches(
-    student, teacher, batches: Iterable[dict[str, torch.Tensor]], vocab_size: int, device: torch.device
+    student,
+    teacher,
+    batches: Iterable[dict[str, torch.Tensor]],
+    vocab_size: int,
+    device: torch.device,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> dict[str, float]:
-    """Mean cross-entropy, top-1 accuracy and, with a teacher, KL(teacher ‖ student) and agreement."""
+    """Mean cross-entropy, top-1 accuracy and, with a teacher, KL(teacher ‖ student) and agreement.
+
+    Logits are formed from hidden states a chunk of counted tokens at a time (`distill.head_metrics`), both
+    sides, so evaluation needs no more memory than `memory_budget_bytes` of float32 logits beyond the forwards.
+    """
     total = TokenSums()
+    heads = None
     for batch in batches:
         inputs = forward_inputs(batch, device)
-        labels = batch["labels"].to(device)
-        logits = student(**inputs).logits[:, :-1, :vocab_size]
-        teacher_logits = None
-        if teacher is not None:
-            teacher_logits = teacher(**inputs).logits[:, :-1, :vocab_size]
-        total.add(token_sums(logits, labels, teacher_logits))
+        labels = batch["labels"].to(device).reshape(-1)  # (B·(T-1),)
+        if heads is None:  # checked once per evaluation, on a few tokens of the first batch
+            probe = inputs["input_ids"][:1, :16]
+            heads = (checked_head(student, probe), checked_head(teacher, probe) if teacher is not None else None)
+        student_rows = logit_rows(student, heads[0], inputs, vocab_size)
+        teacher_rows = logit_rows(teacher, heads[1], inputs, vocab_size) if teacher is not None else None
+        metrics = chunked_token_metrics(
+            student_rows, labels, teacher_rows, vocab_size=vocab_size, memory_budget_bytes=memory_budget_bytes
+        )
+        total.add(_sums(metrics))
+        del student_rows, teacher_rows, metrics  # this batch's hidden states (or fallback logits)
     means = total.means()
     if teacher is None:  # nothing to compare with: leave the teacher metrics out rather than report zeros
         del means["kl_to_teacher"], means["agreement"]
@@ -100,42 +158,22 @@ def evaluate_batches(
 def token_metrics(
     logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, chunk_tokens: int = 1024
 ) -> dict[str, torch.Tensor]:
-    """Per-token metrics of the counted tokens (labels != -100), in row-major order of (B, T).
+    """Per-token metrics of the counted tokens (labels != -100), in row-major order of (B, T), from full logits.
 
     logits, teacher_logits (B, T, V) over the same vocabulary, on the same device (dtypes may differ; all
     arithmetic is float32); labels (B, T). Returns 1-D tensors of length N = number of counted tokens:
     `index` (flat position in B*T), `cross_entropy` (nats), `kl_to_teacher` (KL(teacher ‖ model), T=1, nats),
-    `prediction`, `teacher_prediction` (argmax ids), `correct`, `agreement` (bool).
-    Float32 work happens `chunk_tokens` tokens at a time so a 150k vocabulary does not need B*T*V floats.
+    `prediction`, `teacher_prediction` (argmax ids), `correct`, `agreement` (bool), `teacher_cross_entropy`.
+    Float32 work happens `chunk_tokens` tokens at a time. The dense counterpart of the report's chunked path.
     """
-    counted = labels != IGNORE_INDEX  # (B, T)
-    index = counted.reshape(-1).nonzero().squeeze(-1)  # (N,)
-    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
-    flat_teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (B*T, V)
-    flat_labels = labels.reshape(-1)  # (B*T,)
-    parts: dict[str, list[torch.Tensor]] = {"cross_entropy": [], "kl_to_teacher": [], "prediction": [], "teacher": []}
-    for start in range(0, index.numel(), chunk_tokens):
-        rows = index[start : start + chunk_tokens]  # (n,)
-        model_lp = log_probs(flat_logits[rows])  # (n, V)
-        teacher_lp = log_probs(flat_teacher[rows])  # (n, V)
-        target = flat_labels[rows]  # (n,)
-        parts["cross_entropy"].append(-model_lp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
-        parts["kl_to_teacher"].append((teacher_lp.exp() * (teacher_lp - model_lp)).sum(-1))
-        parts["prediction"].append(model_lp.argmax(-1))
-        parts["teacher"].append(teacher_lp.argmax(-1))
-    if index.numel() == 0:
-        empty_f, empty_l = logits.new_zeros(0, dtype=torch.float32), labels.new_zeros(0)
-        parts = {"cross_entropy": [empty_f], "kl_to_teacher": [empty_f], "prediction": [empty_l], "teacher": [empty_l]}
-    prediction, teacher_prediction = torch.cat(parts["prediction"]), torch.cat(parts["teacher"])
-    return {
-        "index": index,
-        "cross_entropy": torch.cat(parts["cross_entropy"]),
-        "kl_to_teacher": torch.cat(parts["kl_to_teacher"]),
-        "prediction": prediction,
-        "teacher_prediction": teacher_prediction,
-        "correct": prediction == flat_labels[index],
-        "agreement": prediction == teacher_prediction,
-    }
+    vocab = logits.shape[-1]
+    return chunked_token_metrics(
+        dense_rows(logits.reshape(-1, vocab), vocab),
+        labels.reshape(-1),
+        dense_rows(teacher_logits.reshape(-1, teacher_logits.shape[-1]), vocab),
+        vocab_size=vocab,
+        chunk_rows=chunk_tokens,
+    )
 
 
 @dataclass
@@ -187,10 +225,19 @@ def counted_bytes(examples: Sequence[Example], tokenizer) -> int:
     return total
 
 
-def _logits(model, batch: dict[str, torch.Tensor], device: torch.device, vocab_size: int) -> torch.Tensor:
-    """Logits over the real vocabulary, aligned with `labels`: output i predicts input token i+1. (B, T-1, V)"""
-    out = model(**forward_inputs(batch, device))
-    return out.logits[:, :-1, :vocab_size]
+def _own_metrics(
+    index: torch.Tensor, cross_entropy: torch.Tensor, prediction: torch.Tensor, targets: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The teacher's own per-token results, KL 0 and agreement 1 by construction. All (M,) over counted tokens."""
+    return {
+        "index": index,
+        "cross_entropy": cross_entropy,
+        "kl_to_teacher": torch.zeros_like(cross_entropy),
+        "prediction": prediction,
+        "teacher_prediction": prediction,
+        "correct": prediction == targets,
+        "agreement": torch.ones_like(prediction, dtype=torch.bool),
+    }
 
 
 @torch.no_grad()
@@ -204,28 +251,48 @@ def _score_pass(
     progress=None,
     description: str = "eval",
     teacher_metrics: bool = True,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> tuple[_Collected, _Collected]:
     """One pass over the eval set: per-token results of `model` against the teacher, and of the teacher itself.
 
     With `teacher_metrics`, the teacher's own results (KL 0, agreement 1 by construction) come from the same
     forward, so the teacher runs once per pass. `model` may be None (teacher only). Each model stays on its own
-    device and dtype; the teacher's logits move to the model's device for the comparison.
+    device and dtype; logits are formed a chunk of counted tokens at a time from each model's hidden states
+    (`distill.head_metrics`), the teacher's chunk moving to the model's device for the comparison.
     """
     teacher_device = model_device(teacher)
     model_dev = model_device(model) if model is not None else teacher_device
     teacher_out, model_out = _Collected.empty(), _Collected.empty()
     task = progress.add_task(description, total=math.ceil(len(examples) / batch_size)) if progress else None
+    probe = torch.tensor([examples[0].input_ids[:16]]) if examples else None
+    teacher_head = checked_head(teacher, probe) if probe is not None else None
+    model_head = checked_head(model, probe) if probe is not None and model is not None else None
     for first in range(0, len(examples), batch_size):
         batch = collate(examples[first : first + batch_size], pad_id)
         labels = batch["labels"]  # (B, T-1)
         width = labels.shape[1]
-        teacher_logits = _logits(teacher, batch, teacher_device, vocab_size)  # (B, T-1, V)
-        if teacher_metrics:
-            teacher_out.add(token_metrics(teacher_logits, labels.to(teacher_device), teacher_logits), first, width)
+        flat_labels = labels.reshape(-1).to(model_dev)  # (B·(T-1),)
+        teacher_rows = logit_rows(teacher, teacher_head, forward_inputs(batch, teacher_device), vocab_size)
         if model is not None:
-            logits = _logits(model, batch, model_dev, vocab_size)  # (B, T-1, V)
-            metrics = token_metrics(logits, labels.to(model_dev), teacher_logits.to(model_dev))
+            model_rows = logit_rows(model, model_head, forward_inputs(batch, model_dev), vocab_size)
+            metrics = chunked_token_metrics(
+                model_rows, flat_labels, teacher_rows, vocab_size=vocab_size, memory_budget_bytes=memory_budget_bytes
+            )
             model_out.add(metrics, first, width)
+            if teacher_metrics:
+                targets = flat_labels.index_select(0, metrics["index"])  # (M,)
+                own = _own_metrics(
+                    metrics["index"], metrics["teacher_cross_entropy"], metrics["teacher_prediction"], targets
+                )
+                teacher_out.add(own, first, width)
+        elif teacher_metrics:
+            metrics = chunked_token_metrics(
+                teacher_rows, flat_labels, vocab_size=vocab_size, memory_budget_bytes=memory_budget_bytes
+            )
+            targets = flat_labels.index_select(0, metrics["index"])  # (M,)
+            own = _own_metrics(metrics["index"], metrics["cross_entropy"], metrics["prediction"], targets)
+            teacher_out.add(own, first, width)
+        teacher_rows = model_rows = None  # free this batch's hidden states (or fallback logits) before the next
         if progress:
             progress.advance(task)
     return teacher_out, model_out
@@ -305,23 +372,28 @@ def read_generation_rows(source: str) -> list[dict]:
 @torch.no_grad()
 def exact_match(model, tokenizer, rows: Sequence[dict], max_length: int, extra_tokens: int = 16) -> dict:
     """Greedy-decode each prompt (batch 1, stops at EOS or after the answer's token count + `extra_tokens`)
-    and compare the normalized continuation with the normalized answer."""
+    and compare the normalized continuation with the normalized answer.
+
+    Through `distill.sampling.decode`: greedy is plain greedy whatever the model folder's generation_config.json
+    says (a checkpoint's repetition penalty or min_new_tokens would change the answer), and no padded embedding
+    row past the tokenizer is ever chosen."""
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
+    eos = eos_ids(model, tokenizer)
     hits, samples = 0, []
     for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=True, return_tensors="pt")["input_ids"][:, -max_length:]
+        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"][-max_length:]
         answer_tokens = len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"])
-        output = model.generate(
-            input_ids=prompt.to(device),
-            attention_mask=torch.ones_like(prompt).to(device),
-            do_sample=False,
-            num_beams=1,
+        output = decode(
+            model,
+            [prompt],
             max_new_tokens=answer_tokens + extra_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
+            eos_ids=eos,
+            pad_id=pad_id,
+            vocab_size=len(tokenizer),
+            device=device,
         )
-        text = tokenizer.decode(output[0, prompt.shape[1] :].tolist(), skip_special_tokens=True)
+        text = tokenizer.decode(output.new_ids[0].tolist(), skip_special_tokens=True)
         hit = normalize_answer(text) == normalize_answer(row["answer"])
         hits += hit
         if len(samples) < 5:
@@ -451,7 +523,7 @@ def evaluate_models(
     data: str,
     out_dir: str | None,
     *,
-    max_length: int = 256,
+    max_length: int | None = None,
     batch_size: int = 8,
     max_rows: int | None = None,
     generation: str | None = None,
@@ -463,6 +535,7 @@ def evaluate_models(
     dtype: str = "auto",
     show_progress: bool = True,
     log=print,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> dict:
     """Evaluate the teacher and every model on the same held-out data; write the report into `out_dir`.
 
@@ -472,12 +545,14 @@ def evaluate_models(
     (memory: teacher + one model); the teacher's logits are recomputed for each.
 
     `data` is read and tokenized exactly as training reads eval data (`build_examples`, truncation to
-    `max_length`); `max_rows` keeps the first that many examples. `generation` is an optional prompt/answer
-    file for exact match. `metrics_path` (or `out_dir/metrics.jsonl`) gives training curves. `speed=False`
-    skips timing (its keys are then null); `speed_settings` sets runs and tokens (`SpeedSettings.quick()`).
-    `device` defaults to cuda when available; `dtype` (auto | float32 | bfloat16 | float16) applies to every
-    model without its own. Returns the report dict (the report.json contract plus extra keys) and writes
-    report.json/.md/.html and PNGs into `out_dir` (None: writes nothing). User mistakes raise DistillError.
+    `max_length`; None, the default: to the shortest context length of the models, so pre-tokenized rows such as
+    a run's `eval-data.jsonl` are evaluated whole); `max_rows` keeps the first that many examples. `generation`
+    is an optional prompt/answer file for exact match. `metrics_path` (or `out_dir/metrics.jsonl`) gives training
+    curves. `speed=False` skips timing (its keys are then null); `speed_settings` sets runs and tokens
+    (`SpeedSettings.quick()`). `device` defaults to cuda when available; `dtype` (auto | float32 | bfloat16 |
+    float16) applies to every model without its own. Returns the report dict (the report.json contract plus
+    extra keys) and writes report.json/.md/.html and PNGs into `out_dir` (None: writes nothing). User mistakes
+    raise DistillError. Metrics come from hidden states, `memory_budget_bytes` of float32 logits at a time.
     """
     default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher_spec = _spec("teacher", teacher_dir, dtype, default_device)
@@ -486,8 +561,14 @@ def evaluate_models(
         if not name or name == "teacher" or not name.replace("-", "_").replace(".", "_").isidentifier():
             raise DistillError(f"model name {name!r} is not allowed (use letters, digits, - and _; not 'teacher')")
         specs.append(_spec(name, value, dtype, default_device))
-    if batch_size < 1 or max_length < 2:
+    if batch_size < 1 or (max_length is not None and max_length < 2):
         raise DistillError("eval needs batch_size >= 1 and max_length >= 2")
+    if max_length is None:
+        # Truncating to a fixed default would silently cut rows tokenized for a longer context (a run's
+        # eval-data.jsonl holds rows of the recipe's data.max_length); only what no model can read is cut.
+        contexts = [max_context(load_config(s.path, s.name)) for s in (teacher_spec, *specs)]
+        known = [c for c in contexts if c is not None]
+        max_length = min(known) if known else None
 
     tokenizer = load_tokenizer(teacher_spec.path, "teacher")
     for spec in specs:
@@ -497,7 +578,10 @@ def evaluate_models(
                 raise DistillError(
                     f"teacher and {spec.name} tokenizers differ ({difference.replace('student', spec.name)})"
                 )
-    examples, stats = build_examples(data, tokenizer, max_length)
+    examples, stats = build_examples(data, tokenizer, max_length if max_length is not None else sys.maxsize)
+    if stats.truncated_rows:
+        log(f"eval data: {stats.truncated_rows} rows cut to {max_length} tokens")
+    prompt_limit = max_length if max_length is not None else sys.maxsize  # exact match keeps a prompt's last tokens
     if max_rows is not None:
         examples = examples[:max_rows]
     if not examples:
@@ -543,7 +627,7 @@ def evaluate_models(
         else:
             result.update(prefill_tokens_per_s=None, decode_tokens_per_s=None, peak_memory_bytes=None)
         if generation_rows is not None:
-            result.update(exact_match(model, tokenizer, generation_rows, max_length, generation_extra_tokens))
+            result.update(exact_match(model, tokenizer, generation_rows, prompt_limit, generation_extra_tokens))
         return result
 
     teacher = load(teacher_spec)
@@ -571,6 +655,7 @@ def evaluate_models(
                 progress,
                 f"eval {name}",
                 teacher_quality is None,
+                memory_budget_bytes,
             )
             if teacher_quality is None:
                 teacher_quality = summarize(teacher_part, total_bytes, examples, tokenizer)
