@@ -391,19 +391,22 @@ def test_pack_cuts_the_stream_into_blocks_and_carries_masks():
     ]
     blocks = pack(examples, 4)
     assert [b.input_ids for b in blocks] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    # Masks travel with their tokens, except a document's first token (6, 9): the output before it belongs to
+    # another document, so it is never a target.
     assert [b.loss_mask for b in blocks] == [
         [False, False, True, True],
-        [True, True, True, True],
+        [True, False, True, True],
         [False, True, False, True],
     ]
+    assert [b.positions for b in blocks] == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 1, 2, 3]]
 
 
 def test_pack_keeps_a_short_last_block_and_drops_blocks_without_targets():
-    examples = [Example([1, 2, 3], [True] * 3), Example([4, 5, 6, 7], [False] * 4), Example([8], [True])]
+    examples = [Example([1, 2, 3], [True] * 3), Example([4, 5, 6, 7], [False] * 4), Example([8, 9, 10, 11], [True] * 4)]
     blocks = pack(examples, 3)
-    # Block [4, 5, 6] has no targets; [7, 8] is the short remainder with one target.
-    assert [b.input_ids for b in blocks] == [[1, 2, 3], [7, 8]]
-    assert blocks[-1].loss_mask == [False, True]
+    # Block [4, 5, 6] has no targets; [10, 11] is the short remainder with one target.
+    assert [b.input_ids for b in blocks] == [[1, 2, 3], [7, 8, 9], [10, 11]]
+    assert blocks[1].loss_mask == [False, False, True] and blocks[-1].loss_mask == [True, True]
 
 
 def test_build_examples_with_packing(tmp_path, tokenizer, text_rows):

@@ -13,6 +13,9 @@ File formats: JSONL, JSON, Parquet, CSV, plain text (one document per file), fol
 
 Alignment convention used everywhere: `loss_mask[i]` says whether token i is a *target*. The model's output at
 position i-1 predicts token i, so the shifted mask `loss_mask[1:]` selects the outputs that count.
+
+Packing (`data.packing`) concatenates rows and cuts the stream into `max_length` blocks; each document keeps its own
+positions and causal attention inside a block (see `pack`), and held-out rows are chosen before packing.
 """
 
 from __future__ import annotations
@@ -280,12 +283,15 @@ def encode_row(row: object, tokenizer) -> tuple[list[int], list[bool]]:
 def build_examples(
     source: str | Path,
     tokenizer,
-    max_length: int,
+    max_length: int | None,
     skip_bad_rows: bool = False,
     packing: bool = False,
     split: str = "train",
 ) -> tuple[list[Example], DataStats]:
-    """Read and tokenize every row of `source`; truncate (or pack) to `max_length`; drop rows with no loss."""
+    """Read and tokenize every row of `source`; truncate (or pack) to `max_length`; drop rows with no loss.
+
+    `max_length` None keeps every row whole (one example per row, for a caller that splits rows before packing).
+    """
     stats = DataStats()
     examples: list[Example] = []
     for where, row in read_rows(source, split):
@@ -301,7 +307,7 @@ def build_examples(
             if len(stats.bad_row_messages) < 5:
                 stats.bad_row_messages.append(f"{where}: {e}")
             continue
-        if not packing and len(ids) > max_length:
+        if not packing and max_length is not None and len(ids) > max_length:
             stats.truncated_rows += 1
             ids, mask = ids[:max_length], mask[:max_length]
         example = Example(ids, mask)
@@ -319,15 +325,45 @@ def build_examples(
 def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Concatenate examples and cut the stream into blocks of `max_length` tokens (the last may be shorter).
 
-    Documents attend across their boundaries inside a block, the usual trade of packing for throughput.
+    Packing trades nothing of correctness for throughput: every document keeps its own positions (restarting at 0
+    where it starts; `positions` of each block) and, through them, its own causal attention (transformers derives
+    per-document attention from restarting position ids; see `forward_inputs`), so a document inside a block is
+    computed exactly as it would be alone. A document's first token is never a target inside a block: nothing of
+    its own document precedes it (in a row of its own, token 0 is never predicted either). A document longer than
+    what is left of a block continues at the start of the next block, with positions from 0 again: its second
+    piece does not see the first, as a truncated row would not see what was cut off.
     """
     ids: list[int] = []
     mask: list[bool] = []
+    starts: list[int] = []  # where each document begins in the stream
     for e in examples:
+        if not e.input_ids:
+            continue
+        starts.append(len(ids))
         ids.extend(e.input_ids)
         mask.extend(e.loss_mask)
-    blocks = [Example(ids[i : i + max_length], mask[i : i + max_length]) for i in range(0, len(ids), max_length)]
+    for start in starts:
+        mask[start] = False  # predicted from the previous document's last token, which it cannot see
+    blocks = []
+    doc_starts = iter(starts + [len(ids)])
+    next_start = next(doc_starts)
+    for first in range(0, len(ids), max_length):
+        positions = []
+        position = 0
+        for i in range(first, min(first + max_length, len(ids))):
+            if i == next_start:
+                position, next_start = 0, next(doc_starts)
+            positions.append(position)
+            position += 1
+        end = first + len(positions)
+        blocks.append(Example(ids[first:end], mask[first:end], positions))
     return [b for b in blocks if b.loss_tokens > 0]
+
+
+def truncated(examples: list[Example], max_length: int) -> list[Example]:
+    """Each example cut to `max_length` tokens, as `build_examples` cuts rows; those left without loss dropped."""
+    cut = [Example(e.input_ids[:max_length], e.loss_mask[:max_length]) for e in examples]
+    return [e for e in cut if e.loss_tokens > 0]
 
 
 def split_eval(examples: list[Example], fraction: float, max_rows: int, seed: int) -> tuple[list, list]:
@@ -376,18 +412,22 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return batch
 
 
-def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, object]:
     """The keyword arguments of a model's forward for a collated batch, on `device`.
 
     A packed batch carries `position_ids` that restart at each document and no attention mask: transformers
     derives per-document causal attention from restarting position ids only when the 2-D mask is absent. Right
     padding needs no mask under causal attention (no real token sees a later pad), so dropping it is exact.
+    `use_cache=False` always: these forwards see whole sequences and keep no cache, and a model that builds one
+    (config.use_cache, the default) skips the packed-sequence mask, so packed documents would attend to each other.
     """
     if "position_ids" in batch:
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+    if device is not None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    return {**inputs, "use_cache": False}
 
 
 def pad_id_of(tokenizer) -> int:
@@ -421,3 +461,24 @@ def iter_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> I
     """Fixed-order batches over all examples (evaluation)."""
     for start in range(0, len(examples), batch_size):
         yield collate(examples[start : start + batch_size], pad_id)
+
+
+def data_fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of the token ids, loss masks (and packed positions) of `examples`, in order.
+
+    Taken on tokenized examples rather than files, so it also notices a changed tokenizer, max_length or packing;
+    a cache and a checkpoint both keep it to refuse data that is not what they were made from.
+    """
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    h = hashlib.sha256(str(len(examples)).encode())
+    for e in examples:
+        h.update(struct.pack("<q", len(e.input_ids)))
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(e.loss_mask, dtype=np.bool_).tobytes())
+        if e.positions is not None:
+            h.update(np.asarray(e.positions, dtype=np.int64).tobytes())
+    return h.hexdigest()

@@ -110,7 +110,8 @@ def backbone_hidden_states(
 
     Extra keyword arguments (position_ids, ...) go to the backbone unchanged.
     """
-    outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    kwargs.setdefault("use_cache", False)  # whole sequences, no cache to keep (`forward_inputs` passes it too)
+    outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return outputs.last_hidden_state
 
 
