@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--intermediate-size", type=int, help="student MLP intermediate size")
     student.add_argument("--heads", type=int, help="student attention heads")
     student.add_argument("--calibration", help="data file to measure importance on")
-    student.add_argument("--layer-selection", choices=["importance", "uniform"], default="importance")
+    student.add_argument(
+        "--layer-selection",
+        default="kl",
+        metavar="kl|influence|uniform",
+        help="how layers are kept: lowest KL to the teacher on --calibration (default), block influence, or uniform",
+    )
     return parser
 
 

@@ -3,7 +3,9 @@
     resolve_target(config, layers=..., params=...)   -> the student's transformers config
     build_student(teacher_dir, out_dir, ...)          -> writes a plain Hugging Face model folder
 
-Depth: keep N layers, uniformly spread or by block influence (ShortGPT, Men et al. 2024). Width: keep the most
+Depth: keep the N layers whose removal changes the teacher's distributions least, measured as the KL to the teacher
+on calibration data (`distill.pruning.depth`), or by block influence (ShortGPT, Men et al. 2024), or spread uniformly.
+Width: keep the most
 important embedding channels, MLP neurons and attention heads (Minitron, Muralidharan et al. 2024, "Compact Language
 Models via Pruning and Knowledge Distillation"), scored on calibration data, or by weight magnitude without it.
 The mechanics live in `distill.pruning`; this file reads top to bottom: plan -> load -> score -> cut -> save.
@@ -12,6 +14,8 @@ The mechanics live in `distill.pruning`; this file reads top to bottom: plan -> 
 from __future__ import annotations
 
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,11 +23,17 @@ import torch
 from distill.atomic import fresh_tmp_folder, replace_folder, write_json
 from distill.errors import DistillError
 from distill.pruning.architecture import EMBED_SCALED
+from distill.pruning.depth import CalibrationKL, search_layers
 from distill.pruning.importance import activation_importance, weight_importance
 from distill.pruning.slicing import layers_by_influence, rescale_for_hidden, select, slice_state
 from distill.pruning.target import Shape, Spec, config_diff, solve_shape, student_config, uniform_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# How depth pruning picks layers (the recipe's student.from_teacher.layer_selection, `--layer-selection`).
+LAYER_SELECTIONS = ("kl", "influence", "uniform")
+# The first release called block influence "importance"; recipes written then keep working.
+_LAYER_SELECTION_ALIASES = {"importance": "influence"}
 
 
 def resolve_target(config, *, layers=None, params=None, hidden_size=None, intermediate_size=None, heads=None):
@@ -47,8 +57,10 @@ def build_student(
     intermediate_size: int | None = None,
     heads: int | None = None,
     calibration=None,
-    layer_selection: str = "importance",
+    layer_selection: str = "kl",
     max_calibration_tokens: int = 8192,
+    search_tokens: int = 2048,
+    layer_search: str = "auto",
     calibration_max_length: int = 512,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
@@ -57,31 +69,43 @@ def build_student(
 ) -> dict:
     """Prune the teacher in `teacher_dir` into a student written to `out_dir`; returns a summary dict.
 
-    `calibration`: a data file `distill.data.build_examples` reads; with it, layers are ranked by block influence
-    and width by activations, up to `max_calibration_tokens` tokens. Without it, layers are spread uniformly (first
-    and last kept) and width is ranked by weight magnitude. `layer_selection="uniform"` forces the uniform choice.
-    `out_dir` gets save_pretrained (safetensors) + the teacher's tokenizer + pruning.json, written atomically.
+    `calibration`: a data file `distill.data.build_examples` reads; with it, width is ranked by activations (up to
+    `max_calibration_tokens` tokens) and layers as `layer_selection` says: "kl" (default) searches the subset with the
+    lowest KL to the teacher on the first `search_tokens` calibration tokens (`layer_search`: auto | exhaustive |
+    greedy, see `distill.pruning.depth`), "influence" keeps the layers of largest block influence, "uniform" spreads
+    them evenly (first and last kept). Without calibration data, layers are uniform and width is ranked by weight
+    magnitude. `out_dir` gets save_pretrained (safetensors) + the teacher's tokenizer + pruning.json, atomically.
     """
     out_dir = Path(out_dir)
-    if layer_selection not in ("importance", "uniform"):
-        raise DistillError(f"layer_selection={layer_selection!r}: expected 'importance' or 'uniform'")
+    layer_selection = _check_layer_selection(layer_selection)
+    if layer_search not in ("auto", "exhaustive", "greedy"):
+        raise DistillError(f"layer_search={layer_search!r}: expected auto, exhaustive or greedy")
     _refuse_non_empty(out_dir)
     config = _load_config(teacher_dir, trust_remote_code)
     spec, shape = _plan(config, layers, params, hidden_size, intermediate_size, heads)
     teacher_params, student_params = spec.count(spec.shape), spec.count(shape)
     log(_describe(config.model_type, spec.shape, shape, teacher_params, student_params))
+    if params is not None:
+        log(_explain_split(spec, shape, params))
 
     tokenizer = _load_tokenizer(teacher_dir, trust_remote_code, required=calibration is not None)
     teacher = _load_teacher(teacher_dir, dtype, trust_remote_code)
+    search = None
     if calibration is not None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         examples = _calibration_examples(calibration, tokenizer, calibration_max_length)
-        importance = activation_importance(teacher.to(device), examples, max_calibration_tokens, spec.head_dim)
-        log(f"importance measured on {importance.tokens} calibration tokens")
+        with _measuring_dtype(teacher.to(device)):
+            importance = activation_importance(teacher, examples, max_calibration_tokens, spec.head_dim)
+            log(f"importance measured on {importance.tokens} calibration tokens")
+            if layer_selection == "kl" and shape.layers < spec.shape.layers:
+                search = _search_by_kl(teacher, examples, shape.layers, search_tokens, layer_search, log)
     else:
         importance = weight_importance(teacher.state_dict(), config, spec.head_dim)
 
-    kept_layers = _choose_layers(spec.shape.layers, shape.layers, layer_selection, importance.block_influence, log)
+    if search is not None:
+        kept_layers = search["kept"]
+    else:
+        kept_layers = _choose_layers(spec.shape.layers, shape.layers, layer_selection, importance.block_influence, log)
     selection = select(importance, kept_layers, spec.shape, shape)
     student_cfg = student_config(spec, shape, kept_layers)
     student, rescale = _assemble(teacher, student_cfg, selection, spec, trust_remote_code)
@@ -95,6 +119,7 @@ def build_student(
         "student_params": student_params,
         "importance": importance.source,
         "layer_selection": layer_selection if importance.block_influence is not None else "uniform",
+        "layer_search": search,
         "calibration": {"source": str(calibration), "tokens": importance.tokens} if calibration is not None else None,
         "kept_layers": kept_layers,
         "block_influence": importance.block_influence,
@@ -116,6 +141,7 @@ def build_student(
         "config_diff": record["config_diff"],
         "importance": importance.source,
         "block_influence": importance.block_influence,
+        "layer_search": search,
     }
 
 
@@ -146,14 +172,80 @@ def _describe(model_type: str, t: Shape, s: Shape, teacher_params: int, student_
     return f"student ({model_type}): {', '.join(parts)}; params {teacher_params:,} -> {student_params:,} ({ratio:.3f}x)"
 
 
+def _check_layer_selection(how: str) -> str:
+    how = _LAYER_SELECTION_ALIASES.get(how, how)
+    if how not in LAYER_SELECTIONS:
+        raise DistillError(f"layer_selection={how!r}: expected one of {', '.join(LAYER_SELECTIONS)}")
+    return how
+
+
+def _explain_split(spec: Spec, shape: Shape, params) -> str:
+    """One line on how a parameter budget was split between depth and width, and why (Minitron)."""
+    t = spec.shape
+    full_depth = Shape(t.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads)
+    by_width = spec.count(t) - spec.count(full_depth)
+    by_depth = spec.count(full_depth) - spec.count(shape)
+    removed = max(by_width + by_depth, 1)
+    width = f"hidden {t.hidden} -> {shape.hidden}, intermediate {t.intermediate} -> {shape.intermediate}"
+    split = (
+        f"width removes {by_width:,} parameters ({by_width / removed:.0%}), "
+        f"depth {by_depth:,} ({by_depth / removed:.0%})"
+    )
+    if shape.layers == t.layers:
+        why = "all layers kept: width pruning keeps more accuracy than depth pruning at moderate ratios (Minitron)"
+    else:
+        why = (
+            f"width first (it keeps more accuracy, Minitron) down to its floor; the rest by dropping "
+            f"{t.layers - shape.layers} of {t.layers} layers (depth buys more speed: each layer is a sequential step)"
+        )
+    return f"params {params}: {width}, layers {t.layers} -> {shape.layers}; {split}; {why}"
+
+
 def _choose_layers(teacher_layers: int, keep: int, how: str, block_influence, log) -> list[int]:
     if keep == teacher_layers:
         return list(range(teacher_layers))
-    if how == "importance" and block_influence is not None:
+    if how != "uniform" and block_influence is not None:
         return layers_by_influence(block_influence, keep)
-    if how == "importance":
+    if how != "uniform":
         log("no calibration data: keeping layers spread uniformly (first and last included)")
     return uniform_layers(teacher_layers, keep)
+
+
+def _search_by_kl(teacher, examples, keep: int, search_tokens: int, how: str, log) -> dict:
+    """The `keep` layers with the lowest calibration KL to the teacher; the record pruning.json keeps of the search."""
+    start = time.perf_counter()
+    score = CalibrationKL(teacher, examples, search_tokens)
+    found = search_layers(score, teacher.config.num_hidden_layers, keep, how)
+    seconds = time.perf_counter() - start
+    log(
+        f"layers {found.kept} kept by KL to the teacher ({found.method} search): calibration KL {found.kl:.4f} nats on "
+        f"{score.tokens} tokens, {found.passes} forward passes ({found.layer_forwards} layer forwards), {seconds:.1f} s"
+    )
+    return {
+        "kept": found.kept,
+        "method": found.method,
+        "calibration_kl": found.kl,
+        "tokens": score.tokens,
+        "forward_passes": found.passes,
+        "layer_forwards": found.layer_forwards,
+        "seconds": round(seconds, 3),
+        "rounds": found.rounds,
+    }
+
+
+@contextmanager
+def _measuring_dtype(teacher):
+    """Measure in float32 on a CPU: its half-precision matmuls are several times slower (bfloat16 5x on the demo
+    teacher) and less exact. The cast back to the stored dtype is exact, so the student's weights are unchanged."""
+    dtype = teacher.dtype
+    upcast = dtype in (torch.bfloat16, torch.float16) and next(teacher.parameters()).device.type == "cpu"
+    if upcast:
+        teacher.float()
+    try:
+        yield
+    finally:
+        if upcast:
+            teacher.to(dtype)
 
 
 # ---------------------------------------------------------------- load
