@@ -220,7 +220,7 @@ class _Echo(torch.nn.Module):
         self.continuation = continuation
 
     def generate(self, input_ids, **kwargs):
-        assert kwargs["do_sample"] is False
+        assert kwargs["generation_config"].do_sample is False
         return torch.cat([input_ids, torch.tensor([self.continuation])], dim=1)
 
 

@@ -40,7 +40,7 @@ import torch
 from distill import atomic
 from distill.data import pad_id_of, read_rows
 from distill.errors import DistillError
-from distill.sampling import eos_ids, left_padded, stable_hash
+from distill.sampling import decode, eos_ids, stable_hash
 
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 
@@ -165,46 +165,40 @@ def sample_completions(
     Prompts are left-padded so every row's next token sits in the last column. temperature 0 = greedy.
     `logprobs` None = none; k >= 0 = the produced token's log-prob plus the top k, from the raw logits at
     temperature 1 over the tokenizer's vocabulary (embedding rows past it are padding and never sampled).
-    `seed` seeds torch's generator first, so the same call gives the same samples.
+    `seed` seeds the sampling (on a forked RNG, see `distill.sampling.decode`), so the same call gives the same
+    samples.
     Returns one list of n completions per prompt.
     """
-    device = next(model.parameters()).device
     vocab = len(tokenizer)
-    rows = model.get_output_embeddings().weight.shape[0]
     pad = pad_id_of(tokenizer)
-    input_ids, attention_mask = left_padded(prompts, pad)  # (B, P) each
-    width = input_ids.shape[1]
     eos = eos_ids(model, tokenizer)
     # Greedy decoding gives one answer: decode it once and copy it (transformers refuses greedy n > 1).
     draws = n if temperature > 0 else 1
-    options: dict = {
-        "max_new_tokens": max_new_tokens,
-        "num_return_sequences": draws,
-        "pad_token_id": pad,
-        "eos_token_id": eos or None,
-        "return_dict_in_generate": True,
-        "output_logits": logprobs is not None,
-        # The recipe's sampling, not the model's generation_config (Qwen ships repetition_penalty 1.05).
-        "repetition_penalty": 1.0,
-    }
-    if rows > vocab:
-        options["suppress_tokens"] = list(range(vocab, rows))
-    if temperature > 0:
-        options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if stop:
-        options.update(stop_strings=list(stop), tokenizer=tokenizer)
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options)
-    produced = out.sequences[:, width:].tolist()  # (B*draws, S): HF repeats each prompt `draws` times, in order
+    # The recipe's sampling only, never the model's generation_config (Qwen ships repetition_penalty 1.05), and no
+    # id past the tokenizer: `decode` sees to both.
+    out = decode(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos,
+        pad_id=pad,
+        vocab_size=vocab,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_return_sequences=draws,
+        stop_strings=stop,
+        tokenizer=tokenizer,
+        output_logits=logprobs is not None,
+        seed=seed,
+    )
+    produced = out.new_ids.tolist()  # (B*draws, S): HF repeats each prompt `draws` times, in order
     token_lp = top = None
     if logprobs is not None and out.logits:
         chosen, top_ids, top_lps = [], [], []
         for step, logits in enumerate(out.logits):  # S x (B*n, rows)
             lp = torch.log_softmax(logits[:, :vocab].float(), dim=-1)  # (B*n, V)
-            step_ids = out.sequences[:, width + step].clamp_max(vocab - 1)  # (B*n,) padding ids land anywhere
+            step_ids = out.new_ids[:, step].clamp_max(vocab - 1)  # (B*n,) padding ids land anywhere
             chosen.append(lp.gather(1, step_ids[:, None])[:, 0])  # (B*n,)
             if logprobs > 0:
                 values, indices = lp.topk(min(logprobs, vocab), dim=-1)  # (B*n, k)

@@ -96,11 +96,19 @@ def load_model(
     return model
 
 
-def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype, seed: int):
-    """A randomly initialized causal LM from a transformers config dict (needs `model_type`)."""
+def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype, seed: int, tokenizer=None):
+    """A randomly initialized causal LM from a transformers config dict (needs `model_type`).
+
+    With `tokenizer`, bos/eos/pad ids the dict does not set come from it, in the config and in the model's
+    generation_config: a model type's defaults (Llama: bos 1, eos 2) name ordinary tokens of most tokenizers, so
+    sampling would stop at one and the saved config.json / generation_config.json would name the wrong EOS. Ids the
+    dict sets are kept; the generation config's EOS list then also holds the tokenizer's EOS."""
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
     config_dict = dict(config_dict)
+    if tokenizer is not None:
+        for key, value in _tokenizer_special_ids(tokenizer).items():
+            config_dict.setdefault(key, value)
     model_type = config_dict.pop("model_type", None)
     if model_type is None:
         raise DistillError("recipe key student.config: needs model_type (e.g. llama, qwen2)")
@@ -121,7 +129,22 @@ def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except CONFIG_ERRORS as e:
         raise DistillError(f"recipe key student.config: {str(e).splitlines()[0]}") from None
+    if tokenizer is not None and model.generation_config is not None:
+        generation = model.generation_config
+        for key in ("bos_token_id", "pad_token_id"):
+            setattr(generation, key, getattr(config, key, None))
+        eos = config.eos_token_id
+        eos = list(eos) if isinstance(eos, list | tuple) else [] if eos is None else [eos]
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        generation.eos_token_id = eos[0] if len(eos) == 1 else eos or None
     return model
+
+
+def _tokenizer_special_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's bos/eos/pad ids under their config keys (only those it has)."""
+    ids = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {key: int(value) for key, value in ids.items() if value is not None}
 
 
 def load_tokenizer(source: str, role: str, trust_remote_code: bool = False, revision: str | None = None):

@@ -26,7 +26,7 @@ import torch
 
 from distill.data import Example, pad_id_of
 from distill.errors import DistillError
-from distill.sampling import eos_ids, left_padded, stable_hash
+from distill.sampling import decode, eos_ids, stable_hash
 
 
 def is_on_policy_step(seed: int, step: int, share: float) -> bool:
@@ -69,45 +69,29 @@ def sample_completions(
     seed: int,
     device: torch.device,
     synced: bool = False,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """The model's completions of `prompts`, batched with a KV cache; row i gets at most max_new_tokens[i] tokens.
 
-    Prompts are left-padded (generation appends on the right); transformers derives positions from the attention
-    mask, so padding shifts nothing. A completion ends after its first EOS, which it keeps. `temperature` 0 means
-    greedy decoding. `synced` keeps every process of a sharded (FSDP) model in the same forward calls until all
-    are done. The caller chooses eval/train mode; no gradients are recorded.
+    Decoded by `distill.sampling.decode` (left padding, only these settings, no id >= `vocab_size`: pass
+    len(tokenizer)). A completion ends after its first EOS, which it keeps. `temperature` 0 means greedy decoding.
+    `synced` keeps every process of a sharded (FSDP) model in the same forward calls until all are done. The caller
+    chooses eval/train mode; no gradients are recorded.
     """
-    from transformers import GenerationConfig
-
-    input_ids, attention_mask = left_padded(prompts, pad_id)  # (B, P) each
-    width = input_ids.shape[1]
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    )
-    # Only what is set here applies: top_k=0 and a bare model config keep transformers' default top_k=50 and the
-    # checkpoint's own sampling settings (repetition penalty, ...) out of the distribution the student samples.
-    config = GenerationConfig(
+    output = decode(
+        model,
+        prompts,
         max_new_tokens=max(max_new_tokens),
-        top_k=0,
-        eos_token_id=list(eos_ids) or None,
-        pad_token_id=pad_id,
-        **sampling,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        device=device,
+        synced=synced,
     )
-    saved_config = model.generation_config
-    model.generation_config = GenerationConfig()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=device.type):
-            torch.manual_seed(seed)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                synced_gpus=synced,
-            )
-    finally:
-        model.generation_config = saved_config
-    new_tokens = output[:, width:].tolist()  # (B, N): the one host sync, needed to know each completion's length
+    new_tokens = output.new_ids.tolist()  # (B, N): the one host sync, needed to know each completion's length
     eos = set(eos_ids)
     completions = []
     for tokens, limit in zip(new_tokens, max_new_tokens, strict=True):
@@ -189,6 +173,7 @@ class OnPolicy:
                 seed=sampling_seed(self.seed, step, rank, micro_batch),
                 device=self.device,
                 synced=synced,
+                vocab_size=len(self.tokenizer),
             )
         return [Example(p + t, [False] * len(p) + [True] * len(t)) for p, t in zip(prompts, completions, strict=True)]
 

@@ -1,12 +1,18 @@
-"""What every sampler here shares: seeds derived from names, the tokens that end a completion, left padding.
+"""What every sampler here shares: one decoding function, seeds derived from names, the tokens that end a completion,
+left padding.
 
-Used by `distill generate` (the teacher writes completions) and by on-policy training (the student does).
+Every path that decodes goes through `decode`: `distill generate` with a local teacher, on-policy training (the
+student writes), exact-match evaluation, speed timing and the demo's line completion. So greedy means the same
+everywhere, a checkpoint's generation_config.json never changes what a recipe asked for, and no path emits an id
+the tokenizer cannot decode.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -41,3 +47,122 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
             input_ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
             attention_mask[row, width - len(prompt) :] = 1
     return input_ids, attention_mask
+
+
+@dataclass
+class Decoded:
+    """What `decode` returns. `new_ids` (B * n, S): the tokens after each prompt, rows of one prompt adjacent, rows
+    that ended early padded with pad_id; `logits`: S tensors (B * n, rows) of raw next-token logits (before the
+    suppression and sampling settings), or None when not asked for."""
+
+    new_ids: torch.Tensor
+    logits: tuple[torch.Tensor, ...] | None = None
+
+
+def decode(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    vocab_size: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_return_sequences: int = 1,
+    min_new_tokens: int = 0,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    output_logits: bool = False,
+    stopping_criteria: Sequence | None = None,
+    seed: int | None = None,
+    device: torch.device | None = None,
+    synced: bool = False,
+) -> Decoded:
+    """The one decoding function: left-padded, batched, KV-cached `model.generate` with only the caller's settings.
+
+    - Only what is set here applies. transformers fills every setting the call leaves unset from the model's own
+      `generation_config` (a checkpoint's repetition_penalty, top_k, min_new_tokens, no_repeat_ngram_size, ...), so
+      that is swapped for a blank one during the call and put back after. temperature 0 = greedy (one beam);
+      otherwise sampling at `temperature` with `top_p` and `top_k` (0 = no top-k cut, not transformers' 50).
+    - Ids >= `vocab_size` (the tokenizer's length) are never produced: embedding rows past it are padding (a vocab
+      rounded up, a student pruned from a padded teacher), and an id there cannot be decoded or looked up in the
+      tokenizer's vocabulary. None = no bound (the caller has none to give).
+    - `eos_ids` end a row (`sampling.eos_ids`); [] = nothing ends one before `max_new_tokens`.
+    - `seed`: sampling runs under `torch.random.fork_rng` seeded with it, so the same call gives the same samples
+      and the caller's RNG streams (dropout, data order) are left exactly as they were. None = the current stream.
+    - `stop_strings` (needs `tokenizer`), `stopping_criteria` (transformers StoppingCriteria) end rows early;
+      `synced` keeps every process of a sharded (FSDP) model in the same forward calls until all are done.
+    The caller chooses eval/train mode; no gradients are recorded.
+    """
+    from transformers import GenerationConfig
+
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    input_ids, attention_mask = left_padded(prompts, pad_id)  # (B, P) each
+    settings: dict = {
+        "max_new_tokens": max_new_tokens,
+        "num_beams": 1,
+        "num_return_sequences": num_return_sequences,
+        "eos_token_id": list(eos_ids) or None,
+        "pad_token_id": pad_id,
+    }
+    if temperature > 0:
+        settings.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        settings.update(do_sample=False)
+    if min_new_tokens > 0:
+        settings["min_new_tokens"] = min_new_tokens
+    rows = _output_rows(model)
+    if vocab_size is not None and rows is not None and rows > vocab_size:
+        # Applied before temperature/top-p, so the sampled distribution is the one over real tokens.
+        settings["suppress_tokens"] = list(range(vocab_size, rows))
+    if output_logits:
+        settings.update(output_logits=True, return_dict_in_generate=True)
+    if stop_strings:
+        settings["stop_strings"] = list(stop_strings)
+    config = GenerationConfig(**settings)
+    extra: dict = {}
+    if stop_strings:
+        extra["tokenizer"] = tokenizer
+    if stopping_criteria:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
+    had_config = hasattr(model, "generation_config")
+    saved_config = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    seeded = nullcontext()
+    if seed is not None:
+        seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
+    try:
+        with torch.no_grad(), seeded:
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                synced_gpus=synced,
+                **extra,
+            )
+    finally:
+        if had_config:
+            model.generation_config = saved_config
+        else:
+            del model.generation_config
+    sequences = output.sequences if hasattr(output, "sequences") else output  # (B * n, P + S)
+    logits = tuple(output.logits) if output_logits and getattr(output, "logits", None) else None
+    return Decoded(sequences[:, input_ids.shape[1] :], logits)
+
+
+def _output_rows(model) -> int | None:
+    """How many next-token logits the model gives: its output embedding's rows (the config's vocab_size as a
+    fallback for models without a separate head object)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if size is not None else None

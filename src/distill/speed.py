@@ -5,7 +5,11 @@ Timing method (the same for every model, so ratios to the teacher are fair):
 - Inputs are random token ids (seeded), `prompt_tokens` long, in batches of 1 and of `batch_size`.
 - **Prefill** = one forward over the whole prompt with the KV cache on; tokens/s = batch × prompt_tokens / time.
 - **Decode** = a manual greedy loop of exactly `new_tokens` single-token steps feeding the KV cache back,
-  so no end-of-sequence token can stop it early; tokens/s = batch × new_tokens / time of the loop.
+  so no end-of-sequence token can stop it early; tokens/s = batch × new_tokens / time of the loop. Its tokens
+  are only fed back, never read, so it is the one loop that does not go through `distill.sampling.decode`:
+  `generate` adds about 1.5 ms of Python per step (measured on the demo's models, where a student step is ~16 ms),
+  a constant that would shrink every speed-up toward 1 and time transformers' loop rather than the model. Like
+  `decode`, it picks only ids of the tokenizer (below `vocab_size`), so padded embedding rows are never fed.
 - Each setting runs `warmup` untimed times, then `runs` timed times; the median is reported. On CUDA the
   device is synchronized before every clock read.
 
@@ -124,14 +128,17 @@ def _cache_of(output):
 
 
 @torch.no_grad()
-def _prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Seconds for the prefill forward and for `new_tokens` greedy decode steps. prompt (B, P) long."""
+def _prefill_and_decode(
+    model, prompt: torch.Tensor, new_tokens: int, vocab_size: int | None = None
+) -> tuple[float, float]:
+    """Seconds for the prefill forward and for `new_tokens` greedy decode steps. prompt (B, P) long; the greedy
+    choice is over ids < `vocab_size` (None = every row of the head)."""
     device = prompt.device
     keyword = _cache_keyword(model)
     _sync(device)
     start = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
-    next_ids = out.logits[:, -1:].argmax(-1)  # (B, 1)
+    next_ids = out.logits[:, -1:, :vocab_size].argmax(-1)  # (B, 1)
     _sync(device)
     prefill_s = time.perf_counter() - start
     cache = _cache_of(out)
@@ -139,7 +146,7 @@ def _prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[f
     for _ in range(new_tokens):
         out = model(input_ids=next_ids, use_cache=True, **{keyword: cache})
         cache = _cache_of(out)
-        next_ids = out.logits[:, -1:].argmax(-1)  # (B, 1)
+        next_ids = out.logits[:, -1:, :vocab_size].argmax(-1)  # (B, 1)
     _sync(device)
     return prefill_s, time.perf_counter() - start
 
@@ -176,9 +183,9 @@ def measure_speed(model, vocab_size: int, settings: SpeedSettings | None = None,
         prefill, decode = [], []
         with sampler or contextlib.nullcontext():
             for _ in range(settings.warmup):
-                _prefill_and_decode(model, prompt, new_tokens)
+                _prefill_and_decode(model, prompt, new_tokens, vocab_size)
             for _ in range(max(1, settings.runs)):
-                p, d = _prefill_and_decode(model, prompt, new_tokens)
+                p, d = _prefill_and_decode(model, prompt, new_tokens, vocab_size)
                 prefill.append(p)
                 decode.append(d)
         if largest:

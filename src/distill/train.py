@@ -174,7 +174,7 @@ def load_models(
     if student_source is not None:
         student = load_model(student_source, "student", torch.float32, s.trust_remote_code, s.revision)
     else:
-        student = new_model_from_config(s.config, len(tokenizer), torch.float32, recipe.training.seed)
+        student = new_model_from_config(s.config, len(tokenizer), torch.float32, recipe.training.seed, tokenizer)
         _check_context(recipe, student.config, "student")
     teacher = None
     if use_teacher:

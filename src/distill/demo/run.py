@@ -265,34 +265,48 @@ def _last_event(path: Path, kind: str) -> dict | None:
 # ---------------------------------------------------------------- evaluation
 
 
+class _SecondNewline:
+    """A transformers stopping criterion: the row has generated two newlines (the end of the prompt's last line,
+    then the predicted line), so nothing after it can change the comparison."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :].tolist(), skip_special_tokens=True)
+        return torch.tensor([t.count("\n") >= 2 for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 6) -> dict:
     """Exact match of greedy line completion (see COMPLETION_DEFINITION); batch 1, like a code editor.
 
     `distill.evaluate.exact_match` compares everything generated, and a code model never stops after one line,
-    so here decoding stops at the end of the first generated line and only that line is compared. A plain
-    greedy loop over the KV cache: `generate` costs more in set-up per row than these short lines take.
+    so here decoding stops at the end of the first generated line and only that line is compared. Decoded by
+    `distill.sampling.decode` like every other path: plain greedy, no id past the tokenizer.
     """
+    from distill.data import pad_id_of
     from distill.evaluate import normalize_answer
-    from distill.speed import _cache_keyword, _cache_of
+    from distill.sampling import decode, eos_ids
 
     device = next(model.parameters()).device
-    keyword = _cache_keyword(model)
+    eos, pad = eos_ids(model, tokenizer), pad_id_of(tokenizer)
     hits, samples = 0, []
     for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=True, return_tensors="pt")["input_ids"]
-        prompt = prompt[:, -EVAL_MAX_LENGTH:].to(device)  # (1, P): the end of a long prompt is what matters
+        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        prompt = prompt[-EVAL_MAX_LENGTH:]  # the end of a long prompt is what matters
         budget = len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"]) + extra_tokens
-        out = model(input_ids=prompt, use_cache=True)
-        generated: list[int] = []
-        text = ""
-        for _ in range(budget):
-            next_id = out.logits[0, -1].argmax()
-            generated.append(int(next_id))  # a host sync per token is inherent to stopping at a newline
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if generated[-1] == tokenizer.eos_token_id or text.count("\n") >= 2:
-                break
-            out = model(input_ids=next_id.view(1, 1), use_cache=True, **{keyword: _cache_of(out)})
+        output = decode(
+            model,
+            [prompt],
+            max_new_tokens=budget,
+            eos_ids=eos,
+            pad_id=pad,
+            vocab_size=len(tokenizer),
+            stopping_criteria=[_SecondNewline(tokenizer, len(prompt))],
+            device=device,
+        )
+        text = tokenizer.decode(output.new_ids[0].tolist(), skip_special_tokens=True)
         # The prompt ends where the previous line does: what follows its first newline is the predicted line.
         lines = text.split("\n")
         predicted = lines[1] if len(lines) > 1 else ""
