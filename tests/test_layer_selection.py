@@ -273,7 +273,7 @@ def test_budget_plan_says_how_it_split_depth_and_width(tokenizer, tmp_path):
     lines.clear()
     build_student(teacher_dir, tmp_path / "w", params="0.8x", log=lines.append)
     plan = next(line for line in lines if line.startswith("params 0.8x:"))
-    assert "layers 6 -> 6" in plan and "all layers kept" in plan and "(0%)" in plan
+    assert "all 6 layers;" in plan and "all layers kept" in plan and "(0%)" in plan
 
 
 def test_half_precision_teacher_is_measured_in_float32_and_saved_unchanged(tokenizer, tmp_path, calibration):

@@ -187,6 +187,7 @@ def _explain_split(spec: Spec, shape: Shape, params) -> str:
     by_depth = spec.count(full_depth) - spec.count(shape)
     removed = max(by_width + by_depth, 1)
     width = f"hidden {t.hidden} -> {shape.hidden}, intermediate {t.intermediate} -> {shape.intermediate}"
+    depth = f"layers {t.layers} -> {shape.layers}" if shape.layers != t.layers else f"all {t.layers} layers"
     split = (
         f"width removes {by_width:,} parameters ({by_width / removed:.0%}), "
         f"depth {by_depth:,} ({by_depth / removed:.0%})"
@@ -195,10 +196,10 @@ def _explain_split(spec: Spec, shape: Shape, params) -> str:
         why = "all layers kept: width pruning keeps more accuracy than depth pruning at moderate ratios (Minitron)"
     else:
         why = (
-            f"width first (it keeps more accuracy, Minitron) down to its floor; the rest by dropping "
+            f"width first (it keeps more accuracy, Minitron) down to about half the teacher's; the rest by dropping "
             f"{t.layers - shape.layers} of {t.layers} layers (depth buys more speed: each layer is a sequential step)"
         )
-    return f"params {params}: {width}, layers {t.layers} -> {shape.layers}; {split}; {why}"
+    return f"params {params}: {width}, {depth}; {split}; {why}"
 
 
 def _choose_layers(teacher_layers: int, keep: int, how: str, block_influence, log) -> list[int]:
