@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="./eval-report", help="folder for report.json/.md/.html")
     evaluate.add_argument("--generation", help="prompt/answer rows for exact-match accuracy")
     evaluate.add_argument("--metrics", help="a run's metrics.jsonl, for training curves")
-    evaluate.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
+    evaluate.add_argument(
+        "--max-length",
+        type=int,
+        help="cut rows to this many tokens (default: the models' context length; a run's eval-data.jsonl stays whole)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     evaluate.add_argument("--max-rows", type=int, help="evaluate at most this many examples")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
