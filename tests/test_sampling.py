@@ -164,6 +164,20 @@ def test_exact_match_never_decodes_padded_ids(tokenizer, padded_dir):
     assert all(expected)  # real ids decode to text; padded ones would decode to nothing
 
 
+def test_speed_timing_never_feeds_padded_ids(tokenizer, padded_dir):
+    from distill.speed import SpeedSettings, measure_speed
+
+    model = load_model(str(padded_dir), "student", torch.float32)
+    fed: list[torch.Tensor] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, inputs, _out: fed.append(inputs[0]))
+    try:
+        measure_speed(model, len(tokenizer), SpeedSettings(runs=1, warmup=0, prompt_tokens=8, new_tokens=4))
+    finally:
+        hook.remove()
+    assert len(fed) == 2 * (1 + 4)  # batches 1 and 8: a prefill and 4 decode steps each
+    assert max(int(ids.max()) for ids in fed) < len(tokenizer)
+
+
 # ---------------------------------------------------------------- a checkpoint's generation_config
 
 

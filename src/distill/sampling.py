@@ -1,10 +1,10 @@
 """What every sampler here shares: one decoding function, seeds derived from names, the tokens that end a completion,
 left padding.
 
-Every path that decodes goes through `decode`: `distill generate` with a local teacher, on-policy training (the
-student writes), exact-match evaluation, speed timing and the demo's line completion. So greedy means the same
-everywhere, a checkpoint's generation_config.json never changes what a recipe asked for, and no path emits an id
-the tokenizer cannot decode.
+Every path whose tokens are read goes through `decode`: `distill generate` with a local teacher, on-policy training
+(the student writes), exact-match evaluation and the demo's line completion. So greedy means the same everywhere, a
+checkpoint's generation_config.json never changes what a recipe asked for, and no path emits an id the tokenizer
+cannot decode. (Speed timing keeps its own forward loop, whose tokens nobody reads; `distill.speed` says why.)
 """
 
 from __future__ import annotations
