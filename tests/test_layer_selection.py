@@ -121,6 +121,10 @@ def test_calibration_is_cut_to_max_tokens_and_batched_without_padding(tokenizer)
     assert score.tokens == 47
     assert [tuple(b.shape) for b in score.batches] == [(2, 10), (2, 10), (1, 7)]
     assert all(t.shape == (*b.shape, len(tokenizer)) for b, t in zip(score.batches, score.teacher, strict=True))
+    # More than max_tokens: sequences spread over the whole set, not the first ones (packed data is in file order).
+    many = [[3 + i] * 10 for i in range(100)]
+    spread = CalibrationKL(model, many, max_tokens=50, batch_tokens=1000)
+    assert spread.batches[0][:, 0].tolist() == [3, 23, 43, 63, 83]
 
 
 # ---------------------------------------------------------------- the search

@@ -93,11 +93,22 @@ class CalibrationKL:
         return float(total) / self.tokens  # one host sync per subset, not per batch
 
 
+def _spread(examples: Sequence[Sequence[int]], max_tokens: int) -> list[Sequence[int]]:
+    """Sequences evenly spaced over all of `examples`, about as many as `max_tokens` holds. Packed calibration
+    data holds its documents in order, so its first blocks would all come from the first file or two."""
+    total = sum(len(e) for e in examples)
+    if total <= max_tokens:
+        return list(examples)
+    count = max(1, math.ceil(len(examples) * max_tokens / total))
+    return [examples[i * len(examples) // count] for i in range(count)]
+
+
 def _batches(examples, max_tokens: int, batch_tokens: int, device) -> list[torch.Tensor]:
-    """Up to `max_tokens` tokens as (B, T) batches of equal-length sequences (no padding to mask out)."""
+    """Up to `max_tokens` tokens, spread over the examples, as (B, T) batches of equal-length sequences (no
+    padding to mask out)."""
     by_length: dict[int, list[list[int]]] = {}
     left = max_tokens
-    for ids in examples:
+    for ids in _spread(examples, max_tokens):
         ids = list(ids[: max(0, left)])
         if not ids:
             break
