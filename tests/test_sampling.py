@@ -228,13 +228,12 @@ def test_generate_and_on_policy_ignore_the_folder_settings(clean_and_dirty, toke
     clean, dirty = (load_model(str(f), "student", torch.float32).eval() for f in clean_and_dirty)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     common = dict(max_new_tokens=10, temperature=temperature, seed=11)
-    assert generate_completions(dirty, tokenizer, prompts, **common) == generate_completions(
-        clean, tokenizer, prompts, **common
-    )
+    from_dirty = generate_completions(dirty, tokenizer, prompts, **common)
+    assert from_dirty == generate_completions(clean, tokenizer, prompts, **common)
     if temperature == 0:
         eos = set(eos_ids(clean, tokenizer))
         reference = [greedy_reference(clean, p, 10, len(tokenizer), eos) for p in prompts]
-        assert [c[0].token_ids for c in generate_completions(dirty, tokenizer, prompts, **common)] == reference
+        assert [c[0].token_ids for c in from_dirty] == reference
     on_policy = dict(temperature=temperature, top_p=1.0, eos_ids=[tokenizer.eos_token_id], pad_id=0, seed=3, device=CPU)
     assert sample_completions(dirty, prompts, [10] * 4, **on_policy) == sample_completions(
         clean, prompts, [10] * 4, **on_policy
