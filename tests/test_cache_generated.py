@@ -240,11 +240,10 @@ def _first_line(capsys) -> list[str]:
         (lambda r, t: r.pop("top_logprobs"), r"bad\.jsonl:2: it has no top_logprobs"),
         (lambda r, t: r["top_logprobs"].pop(), r"bad\.jsonl:2: top_logprobs has \d+ entries for \d+ completion tokens"),
         (lambda r, t: r["top_logprobs"][1].pop(), r"bad\.jsonl:2: completion token 1 has 2 top_logprobs, other.* 3"),
-        # Split tokens (one per character) the text does not re-tokenize to.
+        # Split tokens (one per character, as strings: ids would be trained as they are) the text does not
+        # re-tokenize to.
         (
-            lambda r, t: r.update(
-                completion_ids=[t.convert_tokens_to_ids(c) for c in "hello"], top_logprobs=[[[5, -1.0]]] * 5
-            ),
+            lambda r, t: (r.pop("completion_ids"), r.update(completion_tokens=list("hellow"))),
             r"bad\.jsonl:2: completion token 0 is .* in the file but id \d+ in the training example",
         ),
         # A completion that stopped without an EOS among its tokens: the loader's EOS has no log-probs.

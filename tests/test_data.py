@@ -556,10 +556,25 @@ def test_generated_row_with_ids_uses_them_not_the_text(tokenizer):
     assert encode_row(chat, tokenizer) == ([1, 7, 9, eos], [False, False, True, True])
 
 
-def test_rows_with_only_completion_ids_keep_the_text_path(tokenizer):
-    row = {"prompt": "def add(a, b):", "completion": "\n    return a", "completion_ids": [5, 6]}
-    text_only = {"prompt": row["prompt"], "completion": row["completion"]}
-    assert encode_row(row, tokenizer) == encode_row(text_only, tokenizer)
+def test_endpoint_rows_with_completion_ids_train_those_ids(tokenizer):
+    # An endpoint gives the completion's ids but not the prompt's: the prompt is tokenized as the server does, and
+    # the ids the teacher wrote win over a text that re-tokenizes otherwise (their log-probs belong to them).
+    row = {
+        "prompt": "def add(a, b):",
+        "completion": "\n    return a",
+        "completion_ids": [5, 6],
+        "finish_reason": "stop",
+    }
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    n = len(prompt_ids)
+    assert encode_row(row, tokenizer) == (prompt_ids + [5, 6, 2], [False] * n + [True] * 3)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    chat |= {"completion_ids": [5, 6], "finish_reason": "length"}
+    generation_prompt = tokenizer.apply_chat_template(chat["messages"][:1], tokenize=False, add_generation_prompt=True)
+    context = tokenizer(generation_prompt, add_special_tokens=False)["input_ids"]
+    assert encode_row(chat, tokenizer) == (context + [5, 6], [False] * len(context) + [True, True])
+    with pytest.raises(ValueError, match="last, assistant, message"):
+        encode_row({**chat, "messages": chat["messages"][:1]}, tokenizer)
 
 
 @pytest.mark.parametrize(

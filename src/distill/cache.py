@@ -872,7 +872,7 @@ class _GeneratedTargets:
             if isinstance(row, Exception):
                 continue  # load_data refused the file or skipped the row already (data.skip_bad_rows)
             try:
-                ids, mask = encode_row(row, self.tokenizer)
+                ids, mask = encode_row(row, self.tokenizer, d.ignore_keys)
             except ValueError:
                 continue  # likewise
             ids, mask = ids[: d.max_length], mask[: d.max_length]

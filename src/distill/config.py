@@ -101,6 +101,10 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of train held out when no eval data is given.")
     eval_max_rows: int = Field(256, gt=0, description="At most this many rows are held out for evaluation.")
     skip_bad_rows: bool = Field(False, description="Skip malformed rows (and report the count) instead of stopping.")
+    ignore_keys: list[str] = Field(
+        default_factory=list,
+        description="Row keys to ignore (metadata columns); any other key a row format does not read is refused.",
+    )
 
 
 class OnPolicyConfig(Section):

@@ -354,7 +354,12 @@ class EndpointTeacher:
             extra = _parse_chat_logprobs(choice.get("logprobs"), self.g.logprobs) if self.g.logprobs else {}
         if not isinstance(text, str):
             raise DistillError(f"endpoint {self.client.base_url}: a choice has no text")
-        return {"completion": text, "finish_reason": choice.get("finish_reason"), **extra}
+        fields = {"completion": text, "finish_reason": choice.get("finish_reason")}
+        if choice.get("stop_reason") is not None:
+            # vLLM: the stop string (or stop token id) the completion stopped at; training appends no EOS after a
+            # stop string. None (stopped by EOS) is left out.
+            fields["stop_reason"] = choice["stop_reason"]
+        return {**fields, **extra}
 
 
 # ---------------------------------------------------------------- partial file (resume)
@@ -556,6 +561,7 @@ def _generate_local(recipe, prompts, settings, output, log, show_progress) -> Pa
             if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
                 raise DistillError("teacher has fewer output rows than its tokenizer has tokens")
             every = max(1, len(prompts) // 10)
+            ends = set(eos_ids(model, tokenizer))
             log(f"generate: {len(prompts) - len(job.done)} prompts with {t.path} on {device} ({len(todo)} batches)")
             for number in todo:
                 batch = plan[number]
@@ -575,7 +581,12 @@ def _generate_local(recipe, prompts, settings, output, log, show_progress) -> Pa
                 for i, samples in zip(batch, completions, strict=True):
                     if i in job.done:
                         continue
-                    job.append([_local_row(prompts[i], prompt_ids[i], s, c) for s, c in enumerate(samples)])
+                    job.append(
+                        [
+                            _local_row(prompts[i], prompt_ids[i], s, c, _stop_reason(tokenizer, c, g.stop, ends))
+                            for s, c in enumerate(samples)
+                        ]
+                    )
                     _progress(log, show_progress, len(job.done), len(prompts), every)
     except BaseException:
         job.close()
@@ -583,8 +594,19 @@ def _generate_local(recipe, prompts, settings, output, log, show_progress) -> Pa
     return _finish_run(job, output, prompts, g, log)
 
 
-def _local_row(prompt: Prompt, prompt_ids: list[int], sample: int, c: Completion) -> dict:
+def _stop_reason(tokenizer, c: Completion, stop: Sequence[str], ends: set[int]) -> str | None:
+    """The stop string a completion stopped at (vLLM's `stop_reason`), None when it ended otherwise. Training
+    appends no EOS after it: the teacher never wrote one there."""
+    if c.finish_reason != "stop" or not c.token_ids or c.token_ids[-1] in ends:
+        return None
+    tail = tokenizer.decode(c.token_ids, skip_special_tokens=True)[len(c.text) :]
+    return next((s for s in stop if s and tail.startswith(s)), None)
+
+
+def _local_row(prompt: Prompt, prompt_ids: list[int], sample: int, c: Completion, stop_reason: str | None) -> dict:
     fields = {"completion": c.text, "finish_reason": c.finish_reason, "prompt_ids": prompt_ids}
+    if stop_reason is not None:
+        fields["stop_reason"] = stop_reason
     fields["completion_ids"] = c.token_ids
     if c.token_logprobs is not None:
         fields["token_logprobs"] = c.token_logprobs

@@ -207,7 +207,7 @@ def load_data(recipe: Recipe, tokenizer, log=print):
     # would put pieces of one document in both sets (a block mixes documents, and a document can span blocks).
     split_rows_first = d.packing and d.eval is None
     length, packing = (None, False) if split_rows_first else (d.max_length, d.packing)
-    train, stats = build_examples(d.train, tokenizer, length, d.skip_bad_rows, packing, d.train_split)
+    train, stats = build_examples(d.train, tokenizer, length, d.skip_bad_rows, packing, d.train_split, d.ignore_keys)
     if stats.bad_rows:
         log(f"skipped {stats.bad_rows} malformed rows, e.g. {stats.bad_row_messages[0]}")
     if stats.empty_rows:
@@ -215,7 +215,9 @@ def load_data(recipe: Recipe, tokenizer, log=print):
     if not train:
         raise DistillError(f"data.train {d.train}: no usable examples ({stats.rows} rows read)")
     if d.eval is not None:
-        held_out, eval_stats = build_examples(d.eval, tokenizer, d.max_length, d.skip_bad_rows, False, d.eval_split)
+        held_out, eval_stats = build_examples(
+            d.eval, tokenizer, d.max_length, d.skip_bad_rows, False, d.eval_split, d.ignore_keys
+        )
         if not held_out:
             raise DistillError(f"data.eval {d.eval}: no usable examples ({eval_stats.rows} rows read)")
     else:
