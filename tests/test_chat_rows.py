@@ -215,6 +215,7 @@ def test_a_chat_reply_cut_short_does_not_learn_the_end_of_turn(chatml):
 # ---------------------------------------------------------------- a server's chat completions -> cache -> train
 
 
+@pytest.mark.slow  # a served teacher, generate, cache build and a training run: ~20 s on 2 cores
 def test_chat_completions_of_a_server_build_a_generated_cache_and_train(tmp_path, chatml_dir, student_dir):
     """`distill serve` on a ChatML model as the OpenAI-compatible server; `distill generate` writes chat rows with
     top-k log-probs; `distill cache` with cache.source=generated builds from them; `distill train` trains."""

@@ -103,6 +103,7 @@ def test_held_out_rows_are_chosen_before_packing(tmp_path, tokenizer, teacher_di
     assert all(b.positions is not None for b in train_blocks)
 
 
+@pytest.mark.slow  # two whole training runs and a cache build: ~25 s on 2 cores
 def test_packed_cache_trains_as_online(tmp_path, tokenizer, teacher_dir, student_dir, train_file):
     """k = V − 1 in float32: a cache built from packed blocks (teacher forward with per-document positions) trains
     the student as online distillation on the same blocks does, fused or not."""
