@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from distill import atomic
-from distill.data import Example, collate, forward_inputs, pad_id_of
+from distill.data import Example, collate, data_fingerprint, forward_inputs, pad_id_of
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.sparse import SparseTargets, tail_half_mass
@@ -158,16 +158,6 @@ def _known_teacher_files(manifest: dict, path: str) -> dict | None:
     if t.get("path") is None or os.path.abspath(t["path"]) != os.path.abspath(path):
         return None
     return t.get("files")
-
-
-def data_fingerprint(examples: Sequence[Example]) -> str:
-    """sha256 of the token ids and loss masks of `examples`, in order."""
-    h = hashlib.sha256(str(len(examples)).encode())
-    for e in examples:
-        h.update(struct.pack("<q", len(e.input_ids)))
-        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-        h.update(np.asarray(e.loss_mask, dtype=np.bool_).tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- shard files

@@ -11,7 +11,6 @@ into place, so a kill at any moment leaves either the old set of checkpoints or 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -40,22 +39,6 @@ class RunState:
     # sha256 of the training examples' tokens: a training file rewritten in place (same path, same recipe)
     # would otherwise resume on other data. Empty in checkpoints written before it existed.
     data_fingerprint: str = ""
-
-
-def data_fingerprint(examples) -> str:
-    """sha256 over every training example's token ids, loss mask and positions, in order.
-
-    Taken on the tokenized examples rather than the files, so it also notices a changed tokenizer, max_length or
-    packing, and costs one pass over arrays already in memory.
-    """
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-        digest.update(np.packbits(np.asarray(e.loss_mask, dtype=bool)).tobytes())
-        if getattr(e, "positions", None) is not None:
-            digest.update(np.asarray(e.positions, dtype=np.int64).tobytes())
-        digest.update(len(e.input_ids).to_bytes(8, "little"))  # example boundaries count too
-    return digest.hexdigest()
 
 
 def _optimizer_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
