@@ -91,7 +91,7 @@ def prepare_models(args, work: Path, train_file: Path) -> None:
     """Train the teacher on hard labels; save the student's random initial weights (shared by every run)."""
     from distill.config import recipe_from_dict
     from distill.models import load_tokenizer, new_model_from_config
-    from distill.train import train
+    from distill.train.loop import train
 
     if not (work / "teacher").exists():
         recipe = recipe_from_dict(
@@ -125,8 +125,8 @@ def prepare_models(args, work: Path, train_file: Path) -> None:
 
 def held_out_metrics(model_dir: Path, teacher_dir: Path, eval_file: Path, max_length: int) -> dict:
     from distill.data import build_examples, iter_batches, pad_id_of
-    from distill.evaluate import evaluate_batches
     from distill.models import load_model, load_tokenizer
+    from distill.report.evaluate import evaluate_batches
 
     tokenizer = load_tokenizer(str(TOKENIZER), "student")
     examples, _ = build_examples(eval_file, tokenizer, max_length)
@@ -201,10 +201,10 @@ def main() -> None:
         args.teacher_steps = 20
     torch.set_num_threads(args.threads)
 
-    from distill.cache import build_cache, read_manifest
+    from distill.cache.build import build_cache, read_manifest
     from distill.config import recipe_from_dict
     from distill.models import count_parameters, load_model
-    from distill.train import train
+    from distill.train.loop import train
 
     work = args.work
     if args.fresh and work.exists():

@@ -35,9 +35,9 @@ def _rss_peak_bytes() -> int:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from distill.fused import chunk_rows_for, fused_loss_sums
-    from distill.heads import OutputHead
-    from distill.losses import loss_sums
+    from distill.losses.dense import loss_sums
+    from distill.losses.fused import chunk_rows_for, fused_loss_sums
+    from distill.losses.heads import OutputHead
 
     torch.manual_seed(0)
     n, v, h = args.n, args.v, args.h
@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> dict:
     labels = torch.randint(0, v, (n,))
     sparse = None
     if args.targets == "sparse":
-        from distill.sparse import SparseTargets, top_k_targets
+        from distill.losses.sparse import SparseTargets, top_k_targets
 
         # Built a few rows at a time so that no (N, V) tensor raises the resident-set peak before measuring.
         with torch.no_grad():
@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> dict:
             with torch.no_grad():
                 teacher_logits = teacher_hidden @ teacher_weight.t()  # (N, V)
             if sparse is not None:
-                from distill.sparse import sparse_loss_sums
+                from distill.losses.sparse import sparse_loss_sums
 
                 kd, ce = sparse_loss_sums(logits, sparse, labels, **objective)
             else:

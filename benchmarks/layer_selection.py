@@ -41,10 +41,10 @@ def demo(args) -> None:
 
     from distill.data import build_examples
     from distill.demo.run import TEACHER_DIR, write_data
-    from distill.pruning.depth import CalibrationKL, search_layers
-    from distill.pruning.importance import activation_importance
-    from distill.pruning.slicing import layers_by_influence
-    from distill.pruning.target import uniform_layers
+    from distill.student.depth import CalibrationKL, search_layers
+    from distill.student.importance import activation_importance
+    from distill.student.slicing import layers_by_influence
+    from distill.student.target import uniform_layers
 
     tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
     # float32 on a CPU, as build_student measures (bfloat16 matmuls are ~5x slower there).
@@ -94,7 +94,7 @@ def demo(args) -> None:
 def cost(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from distill.pruning.depth import CalibrationKL, exhaustive_cost, greedy_cost, search_layers
+    from distill.student.depth import CalibrationKL, exhaustive_cost, greedy_cost, search_layers
 
     config = LlamaConfig(
         vocab_size=args.vocab,

@@ -39,7 +39,7 @@ def write_rows(path: Path, tokenizer, prompt: int, new: int, rows: int) -> Path:
 
 def run(folder: Path, teacher: Path, student: Path, data: Path, share: float, args) -> dict:
     from distill.config import recipe_from_dict
-    from distill.train import train
+    from distill.train.loop import train
 
     out = folder / f"run-{share}"
     recipe = recipe_from_dict(
@@ -88,7 +88,7 @@ def main() -> None:
 
     from distill.demo.run import STUDENT_SHAPE, TEACHER_DIR
     from distill.models import load_tokenizer
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -429,8 +429,8 @@ def profile_worker(spec_path: str) -> None:
 
     from distill.config import ObjectiveConfig
     from distill.data import build_examples, collate
-    from distill.fused import fused_loss_sums
-    from distill.heads import backbone_hidden_states, output_head
+    from distill.losses.fused import fused_loss_sums
+    from distill.losses.heads import backbone_hidden_states, output_head
     from distill.models import load_tokenizer
 
     tokenizer = load_tokenizer(spec["teacher"], "teacher", False)
@@ -451,7 +451,7 @@ def profile_worker(spec_path: str) -> None:
     full_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # (B, T): TRL shifts itself
 
     def distill_step(student, timed):
-        """distill's fused path (distill.train.step_loss + StudentLoss._fused), phase by phase."""
+        """distill's fused path (distill.train.loop.step_loss + StudentLoss._fused), phase by phase."""
         with torch.no_grad():
             t_hidden = timed("teacher forward", lambda: backbone_hidden_states(teacher, **inputs)[:, :-1])
         s_hidden = timed("student forward", lambda: backbone_hidden_states(student, **inputs)[:, :-1])
@@ -640,7 +640,7 @@ def main() -> None:
         runs["TRL GKDTrainer"] = run_trl(folder, teacher, student, rows, args, tokens_per_step, env)
         print(f"{load_line()} (after TRL)")
         imports = {
-            "distill": import_time(sys.executable, "import distill.train", env),
+            "distill": import_time(sys.executable, "import distill.train.loop", env),
             "TRL GKDTrainer": import_time(args.trl_python, "from trl.experimental.gkd import GKDTrainer", env),
         }
 
@@ -653,7 +653,7 @@ def main() -> None:
         reference="TRL GKDTrainer",
     )
     print(
-        f"import time (fresh interpreter, median of 3): distill.train {imports['distill']:.2f} s, "
+        f"import time (fresh interpreter, median of 3): distill.train.loop {imports['distill']:.2f} s, "
         f"trl GKDTrainer {imports['TRL GKDTrainer']:.2f} s"
     )
     print_losses(runs)

@@ -46,7 +46,7 @@ from distill.demo.run import (  # noqa: E402
     evaluate,
     write_data,
 )
-from distill.train import train  # noqa: E402
+from distill.train.loop import train  # noqa: E402
 
 PROMPT_TOKENS = 16  # prompt length of on-policy and sequence-level samples
 NEW_TOKENS = 96  # completion length of both
@@ -89,7 +89,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     data = write_data(out / "data", EVAL_ROWS, COMPLETION_ROWS)
     init_dir = out / "student-init"

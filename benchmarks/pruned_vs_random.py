@@ -18,8 +18,8 @@ import torch
 
 def held_out_metrics(model_dir: Path, teacher, tokenizer, eval_data: str, max_length: int) -> dict:
     from distill.data import build_examples, iter_batches, pad_id_of
-    from distill.evaluate import evaluate_batches
     from distill.models import load_model
+    from distill.report.evaluate import evaluate_batches
 
     examples, _ = build_examples(eval_data, tokenizer, max_length)
     model = load_model(str(model_dir), "student", torch.float32).eval()
@@ -44,8 +44,8 @@ def main() -> None:
 
     from distill.config import recipe_from_dict
     from distill.models import count_parameters, load_model, load_tokenizer
-    from distill.student import build_student
-    from distill.train import train
+    from distill.student.build import build_student
+    from distill.train.loop import train
 
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.teacher, "teacher")

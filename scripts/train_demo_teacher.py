@@ -9,7 +9,7 @@
 
 Everything comes from the machine's own Python: the corpus is `distill.demo.corpus` (held-out modules never
 trained on), the tokenizer is byte-level BPE trained here on the training files only, and training is the
-project's own loop (`distill.train.train`) on hard labels (there is no teacher for the teacher).
+project's own loop (`distill.train.loop.train`) on hard labels (there is no teacher for the teacher).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def prepare(work: Path) -> None:
 
 def train(work: Path, steps: int, resume: bool, threads: int | None) -> None:
     from distill.config import recipe_from_dict
-    from distill.train import train as run_training
+    from distill.train.loop import train as run_training
 
     if threads:
         # On a shared 2-core machine one thread was faster than two (7 s vs 10 s per 4096-token step).
@@ -172,8 +172,8 @@ def export(work: Path, source: Path | None, dtype: str, dest: Path = PACKAGE_TEA
 def evaluate(work: Path, teacher: Path, completion_rows: int) -> None:
     """Held-out metrics of the exported teacher: every held-out block, and line completion on a spread of rows."""
     from distill.demo.run import _spread, line_completion
-    from distill.evaluate import evaluate_models
     from distill.models import load_model, load_tokenizer
+    from distill.report.evaluate import evaluate_models
 
     torch.set_num_threads(1)  # batch-1 decoding of a tiny model: a second thread only adds waiting
     start = time.perf_counter()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from distill.cache import build_cache
+from distill.cache.build import build_cache
 from distill.config import load_recipe, recipe_from_dict
 
 QUIET = {"log": lambda _: None, "show_progress": False}

@@ -15,15 +15,15 @@ import torch
 import yaml
 
 from conftest import write_jsonl
-from distill.cache import _row_top_k, _TokenIds, build_cache, open_cache_for_training, read_manifest, teacher_hash
+from distill.cache.build import _row_top_k, _TokenIds, build_cache, open_cache_for_training, read_manifest, teacher_hash
 from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import collate, pad_id_of
 from distill.errors import DistillError
-from distill.generate import generate
+from distill.generate.run import generate
+from distill.losses.sparse import sparse_loss_sums, top_k_targets
 from distill.models import load_model, load_tokenizer
-from distill.sparse import sparse_loss_sums, top_k_targets
-from distill.train import load_data, train
+from distill.train.loop import load_data, train
 
 QUIET = {"log": lambda _: None, "show_progress": False}
 PROMPTS = [

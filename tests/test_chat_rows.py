@@ -156,7 +156,7 @@ def test_prompt_and_completion_are_tokenized_separately(tokenizer):
     ids, mask = encode_row({"prompt": prompt, "completion": completion}, tokenizer)
     n = len(tokenizer(prompt)["input_ids"])
     # The prompt's tokens are exactly those `distill generate` and a server feed the model for that prompt.
-    from distill.generate import Prompt, encode_prompt
+    from distill.generate.run import Prompt, encode_prompt
 
     assert ids[:n] == encode_prompt(tokenizer, Prompt(0, prompt=prompt))
     assert ids == separate + [tokenizer.eos_token_id] and mask == [False] * n + [True] * (len(ids) - n)
@@ -223,12 +223,12 @@ def test_chat_completions_of_a_server_build_a_generated_cache_and_train(tmp_path
     import time
 
     from conftest import llama_config
-    from distill.cache import build_cache, read_manifest
+    from distill.cache.build import build_cache, read_manifest
     from distill.config import recipe_from_dict
-    from distill.generate import generate
+    from distill.generate.run import generate
+    from distill.generate.server import bind, build_server, create_app, load_served_model
     from distill.models import load_tokenizer
-    from distill.serve import bind, build_server, create_app, load_served_model
-    from distill.train import train
+    from distill.train.loop import train
 
     tokenizer = load_tokenizer(str(chatml_dir), "teacher")
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -283,7 +283,7 @@ def test_chat_completions_of_a_server_build_a_generated_cache_and_train(tmp_path
 
 
 def test_local_rows_name_the_stop_string_they_stopped_at(tokenizer):
-    from distill.generate import Completion, _stop_reason
+    from distill.generate.run import Completion, _stop_reason
 
     eos = tokenizer.eos_token_id
     ids = _ids(tokenizer, "hello world")

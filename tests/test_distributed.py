@@ -139,7 +139,7 @@ def test_two_process_fsdp_run_killed_and_resumed_finishes_like_an_uninterrupted_
 def test_accelerate_fsdp_launch_is_refused_with_the_fix(tmp_path, teacher_dir, student_dir, train_file, monkeypatch):
     from distill.config import recipe_from_dict
     from distill.errors import DistillError
-    from distill.train import train
+    from distill.train.loop import train
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     recipe = recipe_from_dict(recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run"))

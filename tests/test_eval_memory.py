@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import llama_config, save_model, write_jsonl
 from distill.data import collate, forward_inputs
-from distill.evaluate import (
+from distill.losses.token_metrics import chunk_metrics, chunked_token_metrics, dense_rows
+from distill.report.evaluate import (
     TokenSums,
     checked_head,
     evaluate_batches,
@@ -24,7 +25,6 @@ from distill.evaluate import (
     token_metrics,
     token_sums,
 )
-from distill.head_metrics import chunk_metrics, chunked_token_metrics, dense_rows
 
 RTOL = 1e-5
 TINY_BUDGET = 1  # the smallest chunk (8 tokens): many chunks per batch, so chunk boundaries are exercised
@@ -233,12 +233,12 @@ def test_dense_rows_slice_padded_vocabulary():
 def test_run_report_starts_after_training_memory_is_freed(tmp_path, monkeypatch, teacher_dir, student_dir, train_file):
     import yaml
 
-    import distill.evaluate
-    import distill.train
+    import distill.report.evaluate
+    import distill.train.loop
     from distill.cli import main
 
     alive: dict[str, weakref.ref] = {}
-    load_models = distill.train.load_models
+    load_models = distill.train.loop.load_models
 
     def recording_load_models(*args, **kwargs):
         models = load_models(*args, **kwargs)
@@ -252,8 +252,8 @@ def test_run_report_starts_after_training_memory_is_freed(tmp_path, monkeypatch,
         still_alive.extend(name for name, ref in alive.items() if ref() is not None)
         return None
 
-    monkeypatch.setattr(distill.train, "load_models", recording_load_models)
-    monkeypatch.setattr(distill.evaluate, "evaluate_models", checking_evaluate_models)
+    monkeypatch.setattr(distill.train.loop, "load_models", recording_load_models)
+    monkeypatch.setattr(distill.report.evaluate, "evaluate_models", checking_evaluate_models)
     recipe = {
         "teacher": {"path": str(teacher_dir)},
         "student": {"path": str(student_dir)},

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import train_tokenizer, write_jsonl
 from distill.data import Example, build_examples, collate
 from distill.errors import DistillError
-from distill.evaluate import (
+from distill.report.evaluate import (
     counted_bytes,
     evaluate_models,
     exact_match,
@@ -22,7 +22,7 @@ from distill.evaluate import (
     speedup_of,
     token_metrics,
 )
-from distill.speed import SpeedSettings, measure_speed
+from distill.report.speed import SpeedSettings, measure_speed
 
 TINY_SPEED = SpeedSettings(runs=1, warmup=0, prompt_tokens=8, new_tokens=3, batch_size=2)
 

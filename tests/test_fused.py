@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import llama_config, qwen2_config
-from distill.fused import chunk_rows_for, fused_loss_sums
-from distill.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
-from distill.losses import loss_sums
-from distill.sparse import sparse_loss_sums, top_k_targets
+from distill.losses.dense import loss_sums
+from distill.losses.fused import chunk_rows_for, fused_loss_sums
+from distill.losses.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
+from distill.losses.sparse import sparse_loss_sums, top_k_targets
 
 OBJECTIVES = [
     ("forward_kl", 0.5, 0.1),

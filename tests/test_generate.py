@@ -19,7 +19,7 @@ from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import build_examples
 from distill.errors import DistillError
-from distill.generate import PartialFile, _finish, encode_prompt, generate, read_prompts, sample_completions
+from distill.generate.run import PartialFile, _finish, encode_prompt, generate, read_prompts, sample_completions
 from distill.models import load_model, load_tokenizer
 
 PROMPTS = [

@@ -1,4 +1,4 @@
-"""Depth chosen by measurement (distill.pruning.depth): KL search, the layer-subset forward, and the switches.
+"""Depth chosen by measurement (distill.student.depth): KL search, the layer-subset forward, and the switches.
 
 The exact checks: running the teacher with a subset of its layers must give the logits of the student that keeps
 those layers; a layer made an identity (o_proj and down_proj zeroed) costs exactly nothing to drop, so the KL search
@@ -19,15 +19,15 @@ from conftest import CORPUS, llama_config, write_jsonl
 from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.errors import DistillError
-from distill.losses import log_probs
-from distill.pruning.depth import (
+from distill.losses.dense import log_probs
+from distill.student.build import build_student
+from distill.student.depth import (
     CalibrationKL,
     exhaustive_cost,
     greedy_cost,
     layer_subset,
     search_layers,
 )
-from distill.student import build_student
 
 
 def _quiet(*_):

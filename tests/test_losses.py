@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import (
+from distill.losses.dense import (
     DIVERGENCES,
     distillation_loss,
     loss_sums,

@@ -14,19 +14,19 @@ from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import Example, build_examples, collate
 from distill.errors import DistillError
-from distill.heads import output_head
-from distill.losses import IGNORE_INDEX, distillation_loss
+from distill.losses.dense import IGNORE_INDEX, distillation_loss
+from distill.losses.heads import output_head
 from distill.models import Models, load_model
-from distill.onpolicy import (
+from distill.sampling import eos_ids
+from distill.train.loop import step_loss, train
+from distill.train.onpolicy import (
     OnPolicy,
     is_on_policy_step,
     prompt_length,
     sample_completions,
     sampling_seed,
 )
-from distill.parallel import StudentLoss
-from distill.sampling import eos_ids
-from distill.train import step_loss, train
+from distill.train.parallel import StudentLoss
 
 CPU = torch.device("cpu")
 MAX_LENGTH = 40
@@ -295,12 +295,12 @@ def test_training_on_own_samples_lowers_reverse_kl_on_own_samples(
 
 
 def test_lambda_zero_never_samples_and_changes_nothing(tmp_path, teacher_dir, student_dir, pc_file, monkeypatch):
-    import distill.onpolicy
+    import distill.train.onpolicy
 
     def never(*_, **__):
         raise AssertionError("sampled with lambda 0")
 
-    monkeypatch.setattr(distill.onpolicy, "sample_completions", never)
+    monkeypatch.setattr(distill.train.onpolicy, "sample_completions", never)
     off = tmp_path / "off"
     train(
         recipe_from_dict(recipe(teacher_dir, student_dir, pc_file, off, objective={"on_policy": {"lambda": 0.0}})),
@@ -310,7 +310,7 @@ def test_lambda_zero_never_samples_and_changes_nothing(tmp_path, teacher_dir, st
     events = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines()]
     assert not any("on_policy_share" in e for e in events)
     # lambda 0.5 with every step declined: the machinery alone changes no bit of training.
-    monkeypatch.setattr(distill.onpolicy, "is_on_policy_step", lambda *_: False)
+    monkeypatch.setattr(distill.train.onpolicy, "is_on_policy_step", lambda *_: False)
     declined = tmp_path / "declined"
     train(recipe_from_dict(recipe(teacher_dir, student_dir, pc_file, declined)), show_progress=False, log=quiet)
     a, b = final_weights(off), final_weights(declined)
@@ -336,7 +336,7 @@ def test_resume_with_half_on_policy_steps_is_bitwise_exact(tmp_path, tokenizer, 
 
     train(recipe_from_dict(content(tmp_path / "straight")), show_progress=False, log=quiet)
 
-    import distill.train as train_module
+    import distill.train.loop as train_module
 
     real, calls = train_module.step_loss, {"n": 0}
 

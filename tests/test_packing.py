@@ -9,8 +9,8 @@ import torch
 from conftest import llama_config, qwen2_config, write_jsonl
 from distill.config import recipe_from_dict
 from distill.data import Example, build_examples, collate, forward_inputs, pack, pad_id_of
-from distill.heads import backbone_hidden_states
-from distill.train import load_data, train
+from distill.losses.heads import backbone_hidden_states
+from distill.train.loop import load_data, train
 
 
 def _documents(tokenizer, texts: list[str]) -> list[Example]:
@@ -109,7 +109,7 @@ def test_packed_cache_trains_as_online(tmp_path, tokenizer, teacher_dir, student
     the student as online distillation on the same blocks does, fused or not."""
     from safetensors.torch import load_file
 
-    from distill.cache import build_cache
+    from distill.cache.build import build_cache
 
     content = _recipe(teacher_dir, student_dir, train_file, tmp_path, max_length=32).model_dump(by_alias=True)
     content["cache"] = {"dir": str(tmp_path / "cache"), "top_k": len(tokenizer) - 1, "precision": "float32"}

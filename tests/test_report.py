@@ -13,9 +13,9 @@ import subprocess
 import pytest
 
 from conftest import REPORT_MODEL_KEYS, write_jsonl
-from distill.evaluate import evaluate_models
-from distill.report import write_report
-from distill.speed import SpeedSettings
+from distill.report.evaluate import evaluate_models
+from distill.report.render import write_report
+from distill.report.speed import SpeedSettings
 
 CONTRACT_MODEL_KEYS = REPORT_MODEL_KEYS
 CONTRACT_RETENTION_KEYS = {"top1_accuracy", "cross_entropy", "agreement"}

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from conftest import llama_config, write_jsonl
 from distill.cli import main
 from distill.config import recipe_from_dict
-from distill.train import train
+from distill.train.loop import train
 from test_train import recipe_dict, write_recipe
 
 
@@ -129,8 +129,8 @@ def test_grad_norm_is_logged_when_clipping_is_off(tmp_path, teacher_dir, student
 
 def test_fused_loss_divides_by_a_normalizer_below_one():
     """Under DDP each rank divides by (global loss tokens) / world size, below 1 with fewer tokens than ranks."""
-    from distill.fused import fused_loss_sums
-    from distill.heads import OutputHead
+    from distill.losses.fused import fused_loss_sums
+    from distill.losses.heads import OutputHead
 
     torch.manual_seed(0)
     hidden = torch.randn(1, 3, 8, requires_grad=True)

@@ -18,12 +18,12 @@ import torch
 from conftest import CORPUS, llama_config, save_model, write_jsonl
 from distill.config import recipe_from_dict
 from distill.data import Example, pad_id_of
-from distill.evaluate import exact_match
-from distill.generate import generate
-from distill.generate import sample_completions as generate_completions
+from distill.generate.run import generate
+from distill.generate.run import sample_completions as generate_completions
 from distill.models import load_model, new_model_from_config
-from distill.onpolicy import OnPolicy, sample_completions
+from distill.report.evaluate import exact_match
 from distill.sampling import decode, eos_ids
+from distill.train.onpolicy import OnPolicy, sample_completions
 
 CPU = torch.device("cpu")
 PADDED_ROWS = 16
@@ -165,7 +165,7 @@ def test_exact_match_never_decodes_padded_ids(tokenizer, padded_dir):
 
 
 def test_speed_timing_never_feeds_padded_ids(tokenizer, padded_dir):
-    from distill.speed import SpeedSettings, measure_speed
+    from distill.report.speed import SpeedSettings, measure_speed
 
     model = load_model(str(padded_dir), "student", torch.float32)
     fed: list[torch.Tensor] = []
@@ -303,7 +303,7 @@ def test_ids_written_in_the_config_are_kept_and_the_tokenizers_eos_joins_them(od
 def test_the_saved_student_names_the_tokenizers_ids(tmp_path, odd_tokenizer):
     """`distill train` with student.config (hard labels: no teacher needed) writes config.json and
     generation_config.json with the tokenizer's bos/eos/pad."""
-    from distill.train import train
+    from distill.train.loop import train
 
     tokenizer_dir = tmp_path / "tokenizer"
     odd_tokenizer.save_pretrained(tokenizer_dir)
@@ -330,7 +330,7 @@ def _special_ids_of_file(path: Path) -> dict:
 
 def test_a_pruned_student_keeps_the_teachers_special_ids(tmp_path, odd_tokenizer):
     """The pruned path starts from the teacher's config and generation config, which its tokenizer matches."""
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     teacher = save_model(llama_config(len(odd_tokenizer), hidden=64, layers=2), odd_tokenizer, tmp_path / "t")
     for name in ("config.json", "generation_config.json"):

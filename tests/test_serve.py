@@ -18,10 +18,10 @@ import torch
 
 from conftest import write_jsonl
 from distill.config import recipe_from_dict
-from distill.endpoint import EndpointClient, backoff_seconds, retry_after_seconds
 from distill.errors import DistillError
-from distill.generate import generate
-from distill.serve import bind, build_server, create_app, load_served_model
+from distill.generate.client import EndpointClient, backoff_seconds, retry_after_seconds
+from distill.generate.run import generate
+from distill.generate.server import bind, build_server, create_app, load_served_model
 
 PROMPTS = [{"prompt": "def add(a, b):"}, {"prompt": "the quick brown"}, {"prompt": "for i in"}]
 CHAT = [{"messages": [{"role": "user", "content": "hello teacher"}]}]
@@ -409,7 +409,7 @@ def test_bad_endpoint_url_is_one_line():
 
 
 def test_missing_serve_extra_names_the_install_command(monkeypatch, teacher_dir):
-    from distill.serve import serve
+    from distill.generate.server import serve
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` raise ImportError
     with pytest.raises(DistillError, match=r"pip install distill\[serve\]"):

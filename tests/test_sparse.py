@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from distill.losses import DIVERGENCES, loss_sums
-from distill.sparse import SparseTargets, sparse_loss_sums, sparse_token_divergence, top_k_targets
+from distill.losses.dense import DIVERGENCES, loss_sums
+from distill.losses.sparse import SparseTargets, sparse_loss_sums, sparse_token_divergence, top_k_targets
 
 OBJECTIVES = [
     ("forward_kl", 0.5, 0.1),
@@ -303,8 +303,8 @@ def _targets_with_unused_slots(n: int, v: int, k: int, seed: int, tail: str) -> 
 @pytest.mark.parametrize(("kd_weight", "ce_weight"), [(1.0, 0.0), (0.7, 0.3), (0.0, 1.0)])
 def test_forward_kl_chunk_matches_autograd_through_the_loss_definitions(temperature, tail, kd_weight, ce_weight):
     # The fused loss's no-autograd path against autograd through sparse_token_divergence + token_cross_entropy.
-    from distill.losses import token_cross_entropy
-    from distill.sparse import sparse_forward_kl_chunk
+    from distill.losses.dense import token_cross_entropy
+    from distill.losses.sparse import sparse_forward_kl_chunk
 
     n, v, k = 9, 40, 6
     student = _logits(n, v, 30).requires_grad_(True)

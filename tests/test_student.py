@@ -1,4 +1,4 @@
-"""Student by pruning (distill.student): tiny random teachers of every supported architecture, no network.
+"""Student by pruning (distill.student.build): tiny random teachers of every supported architecture, no network.
 
 The strongest checks are exact: keeping everything must reproduce the teacher, and pruning away structure that is
 dead by construction (a layer whose output equals its input, MLP neurons with zero up_proj rows, embedding channels
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CORPUS, llama_config, qwen2_config, write_jsonl
 from distill.errors import DistillError
-from distill.student import build_student, resolve_target
+from distill.student.build import build_student, resolve_target
 
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 4, 64, 128, 4, 2, 16
 USELESS_LAYER = 2  # uniform selection of 3 out of 4 keeps [0, 2, 3], so only importance drops this one

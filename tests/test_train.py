@@ -19,9 +19,9 @@ from conftest import REPORT_MODEL_KEYS
 from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import build_examples, iter_batches
-from distill.evaluate import evaluate_batches
 from distill.models import load_model, load_tokenizer
-from distill.train import train
+from distill.report.evaluate import evaluate_batches
+from distill.train.loop import train
 
 
 def recipe_dict(teacher_dir, student_dir, train_file, out, **sections):
@@ -108,7 +108,7 @@ def test_eight_micro_batches_of_one_equal_one_batch_of_eight(
     def sgd(groups, lr, **_):
         return torch.optim.SGD(groups, lr=lr)
 
-    monkeypatch.setattr("distill.train.torch.optim.AdamW", sgd)
+    monkeypatch.setattr("distill.train.loop.torch.optim.AdamW", sgd)
     results = []
     for accum in (1, 8):
         content = recipe_dict(
@@ -191,7 +191,7 @@ def test_sigkill_and_resume_give_bitwise_identical_weights(tmp_path, teacher_dir
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     tmp_path, teacher_dir, student_dir, train_file, monkeypatch
 ):
-    import distill.train as train_module
+    import distill.train.loop as train_module
 
     real = train_module.step_loss
     calls = {"n": 0}
@@ -273,7 +273,7 @@ def test_fused_and_plain_training_give_the_same_update(
     def sgd(groups, lr, **_):
         return torch.optim.SGD(groups, lr=lr)
 
-    monkeypatch.setattr("distill.train.torch.optim.AdamW", sgd)
+    monkeypatch.setattr("distill.train.loop.torch.optim.AdamW", sgd)
     start = load_file(str(student_dir / "model.safetensors"))
     updates = []
     for fused in (False, True):

@@ -25,6 +25,6 @@ def run_recipe(
     show_progress: bool = True,
 ):
     """Train (building the student first when the recipe asks) and return the `TrainResult`."""
-    from distill.train import train
+    from distill.train.loop import train
 
     return train(_as_recipe(recipe, overrides), resume=resume, show_progress=show_progress)

@@ -119,7 +119,7 @@ def _command_train(args) -> int:
 
 
 def _command_cache(args) -> int:
-    from distill.cache import build_cache, verify_cache
+    from distill.cache.build import build_cache, verify_cache
 
     if args.recipe == "verify":
         if len(args.overrides) != 1:
@@ -142,8 +142,8 @@ def _command_config(args) -> int:
 
 
 def _command_eval(args) -> int:
-    from distill.evaluate import evaluate_models, parse_model_arguments
-    from distill.speed import SpeedSettings
+    from distill.report.evaluate import evaluate_models, parse_model_arguments
+    from distill.report.speed import SpeedSettings
 
     settings = None
     if args.quick:
@@ -172,21 +172,21 @@ def _command_eval(args) -> int:
 
 def _command_generate(args) -> int:
     from distill.config import load_recipe
-    from distill.generate import generate
+    from distill.generate.run import generate
 
     generate(load_recipe(args.recipe, args.overrides), show_progress=not args.quiet)
     return 0
 
 
 def _command_serve(args) -> int:
-    from distill.serve import serve
+    from distill.generate.server import serve
 
     serve(args.model_dir, args.host, args.port, args.model_name, args.dtype, args.device)
     return 0
 
 
 def _command_student(args) -> int:
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     targets = (args.layers, args.params, args.hidden_size, args.intermediate_size, args.heads)
     if all(target is None for target in targets):

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import DistillError
-from distill.losses import DIVERGENCES
+from distill.losses.dense import DIVERGENCES
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 

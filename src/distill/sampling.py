@@ -4,7 +4,7 @@ left padding.
 Every path whose tokens are read goes through `decode`: `distill generate` with a local teacher, on-policy training
 (the student writes), exact-match evaluation and the demo's line completion. So greedy means the same everywhere, a
 checkpoint's generation_config.json never changes what a recipe asked for, and no path emits an id the tokenizer
-cannot decode. (Speed timing keeps its own forward loop, whose tokens nobody reads; `distill.speed` says why.)
+cannot decode. (Speed timing keeps its own forward loop, whose tokens nobody reads; `distill.report.speed` says why.)
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def _run(out: Path, teacher: Path, steps: int, quick: bool, include_init: bool |
 
     clock("data")
     log(f"2/5 student: pruning the teacher to {STUDENT_SHAPE['layers']} layers, hidden {STUDENT_SHAPE['hidden_size']}")
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     init_dir = out / "student-init"
     pruned = build_student(teacher, init_dir, **STUDENT_SHAPE, calibration=str(data["calibration"]), log=lambda _: None)
@@ -243,7 +243,7 @@ def demo_recipe(teacher: Path, init_dir: Path, data: dict, out: Path, steps: int
 
 def _train(teacher: Path, init_dir: Path, data: dict, out: Path, steps: int, kd: bool, log) -> Path:
     from distill.config import recipe_from_dict
-    from distill.train import train
+    from distill.train.loop import train
 
     started = time.perf_counter()
     recipe = recipe_from_dict(demo_recipe(teacher, init_dir, data, out, steps, kd))
@@ -281,12 +281,12 @@ class _SecondNewline:
 def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 6) -> dict:
     """Exact match of greedy line completion (see COMPLETION_DEFINITION); batch 1, like a code editor.
 
-    `distill.evaluate.exact_match` compares everything generated, and a code model never stops after one line,
+    `distill.report.evaluate.exact_match` compares everything generated, and a code model never stops after one line,
     so here decoding stops at the end of the first generated line and only that line is compared. Decoded by
     `distill.sampling.decode` like every other path: plain greedy, no id past the tokenizer.
     """
     from distill.data import pad_id_of
-    from distill.evaluate import normalize_answer
+    from distill.report.evaluate import normalize_answer
     from distill.sampling import decode, eos_ids
 
     device = next(model.parameters()).device
@@ -318,11 +318,11 @@ def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 
 
 
 def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed: bool = True) -> dict:
-    """The retention report (distill.evaluate) plus line completion for every model; writes report.*."""
-    from distill.evaluate import DEFINITIONS, evaluate_models, retention_of
+    """The retention report (distill.report.evaluate) plus line completion for every model; writes report.*."""
     from distill.models import load_model, load_tokenizer
-    from distill.report import write_report
-    from distill.speed import SpeedSettings
+    from distill.report.evaluate import DEFINITIONS, evaluate_models, retention_of
+    from distill.report.render import write_report
+    from distill.report.speed import SpeedSettings
 
     report = evaluate_models(
         str(teacher),

@@ -4,11 +4,11 @@
     build_student(teacher_dir, out_dir, ...)          -> writes a plain Hugging Face model folder
 
 Depth: keep the N layers whose removal changes the teacher's distributions least, measured as the KL to the teacher
-on calibration data (`distill.pruning.depth`), or by block influence (ShortGPT, Men et al. 2024), or spread uniformly.
+on calibration data (`distill.student.depth`), or by block influence (ShortGPT, Men et al. 2024), or spread uniformly.
 Width: keep the most
 important embedding channels, MLP neurons and attention heads (Minitron, Muralidharan et al. 2024, "Compact Language
 Models via Pruning and Knowledge Distillation"), scored on calibration data, or by weight magnitude without it.
-The mechanics live in `distill.pruning`; this file reads top to bottom: plan -> load -> score -> cut -> save.
+The mechanics live beside it in `distill.student`; this file reads top to bottom: plan -> load -> score -> cut -> save.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 
 from distill.atomic import fresh_tmp_folder, replace_folder, write_json
 from distill.errors import DistillError
-from distill.pruning.architecture import EMBED_SCALED
-from distill.pruning.depth import CalibrationKL, search_layers
-from distill.pruning.importance import activation_importance, weight_importance
-from distill.pruning.slicing import layers_by_influence, rescale_for_hidden, select, slice_state
-from distill.pruning.target import Shape, Spec, config_diff, solve_shape, student_config, uniform_layers
+from distill.student.architecture import EMBED_SCALED
+from distill.student.depth import CalibrationKL, search_layers
+from distill.student.importance import activation_importance, weight_importance
+from distill.student.slicing import layers_by_influence, rescale_for_hidden, select, slice_state
+from distill.student.target import Shape, Spec, config_diff, solve_shape, student_config, uniform_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +39,7 @@ _LAYER_SELECTION_ALIASES = {"importance": "influence"}
 def resolve_target(config, *, layers=None, params=None, hidden_size=None, intermediate_size=None, heads=None):
     """The student's config: the teacher's `config` with the requested sizes, the rest solved from `params`.
 
-    `params` is a share of the teacher ("0.25x") or a count ("20M", "1.5B", an int); see `distill.pruning.target`
+    `params` is a share of the teacher ("0.25x") or a count ("20M", "1.5B", an int); see `distill.student.target`
     for how a budget becomes sizes. `layer_types` follows a uniform choice of layers here; `build_student` redoes
     it for the layers it actually keeps. Raises DistillError for targets the teacher cannot give.
     """
@@ -72,7 +72,7 @@ def build_student(
     `calibration`: a data file `distill.data.build_examples` reads; with it, width is ranked by activations (up to
     `max_calibration_tokens` tokens) and layers as `layer_selection` says: "kl" (default) searches the subset with the
     lowest KL to the teacher on the first `search_tokens` calibration tokens (`layer_search`: auto | exhaustive |
-    greedy, see `distill.pruning.depth`), "influence" keeps the layers of largest block influence, "uniform" spreads
+    greedy, see `distill.student.depth`), "influence" keeps the layers of largest block influence, "uniform" spreads
     them evenly (first and last kept). Without calibration data, layers are uniform and width is ranked by weight
     magnitude. `out_dir` gets save_pretrained (safetensors) + the teacher's tokenizer + pruning.json, atomically.
     """

@@ -4,9 +4,9 @@ train any number of students from them without the teacher.
 What is stored, per loss token (a position whose label counts; prompt and padding positions are skipped):
 
 - ``top_k``   the teacher's k most probable ids and their log-probabilities at temperature 1, the log of the
-              mass left over, and log Σ √p over the rest (`distill.sparse.SparseTargets`): the tail is
+              mass left over, and log Σ √p over the rest (`distill.losses.sparse.SparseTargets`): the tail is
               accounted for rather than dropped, and its tempered mass is known at τ = 2 (interpolated at
-              other τ). Training divergences are those of `distill.sparse`, with the rest as one extra class
+              other τ). Training divergences are those of `distill.losses.sparse`, with the rest as one extra class
               (``cache.tail: bucket``) or spread evenly over the other tokens (``uniform``).
 - ``sampled`` m draws from the teacher's distribution (Sparse Logit Sampling, Anshumann et al. 2025,
               arXiv:2503.16870), kept as distinct ids with their counts and their log-probabilities. At τ = 1
@@ -23,7 +23,7 @@ Folder layout::
                                   (float32 / float16 / 8- or 4-bit codes), offsets of each example's rows
     tokenizer/                    the tokenizer's files, for recipes that name no other tokenizer
 
-Shards hold consecutive examples of the trainer's own example list (`distill.train.load_data`, i.e. after
+Shards hold consecutive examples of the trainer's own example list (`distill.train.loop.load_data`, i.e. after
 the held-out split) and end at example boundaries; row r of a shard belongs to a loss token of an example in
 order, so an example's rows are `offsets[j]:offsets[j+1]` (random access for shuffled training, through
 memory maps). With ``precision: int8`` / ``int4`` each row stores its highest and lowest log-prob in float16
@@ -36,7 +36,7 @@ sha256 (and teacher.path's hash when the recipe names one). Rows are tokenized a
 prompt_ids + completion_ids when present); every loss token of a training example must be a completion token
 with stored log-probs, and a row where that fails (no top_logprobs, ids that do not line up, an EOS the loader
 adds) stops the build with one line naming it: made-up targets would be worse than none. log Σ √p of the tail is
-unknown, so training at τ ≠ 1 assumes a flat tail (`distill.sparse`).
+unknown, so training at τ ≠ 1 assumes a flat tail (`distill.losses.sparse`).
 
 Resumable: the plan (`build.json`: identities and shard boundaries) is written first, each shard is written
 to a temporary name and renamed, the manifest last. A build killed at any moment restarts at the first
@@ -63,8 +63,8 @@ import torch
 from distill import atomic
 from distill.data import Example, collate, data_fingerprint, forward_inputs, pad_id_of
 from distill.errors import DistillError
-from distill.losses import IGNORE_INDEX
-from distill.sparse import SparseTargets, tail_half_mass
+from distill.losses.dense import IGNORE_INDEX
+from distill.losses.sparse import SparseTargets, tail_half_mass
 
 FORMAT = "distill-cache"
 VERSION = 2  # 2: optional bit-packed ids, int4, the tokenizer folder, teacher file records
@@ -591,7 +591,7 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
 
 def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
     from distill.models import check_vocabulary, load_model, load_tokenizer, resolve_dtype
-    from distill.train import load_data
+    from distill.train.loop import load_data
 
     t, c = recipe.teacher, recipe.cache
     from_file = c.source == "generated"
@@ -982,7 +982,7 @@ def sampled_targets(
 
     ids, counts, log_probs (n, m): distinct drawn ids, how often each was drawn (0 = unused slot) and the
     teacher's log-probability at τ = 1. The estimate at τ is w ∝ count · p^(1/τ − 1) (self-normalized
-    importance weights; count/m at τ = 1). `distill.sparse` divides stored log-probs by τ, so τ·log w is
+    importance weights; count/m at τ = 1). `distill.losses.sparse` divides stored log-probs by τ, so τ·log w is
     stored, and the rest mass is empty: the estimate sums to one by construction.
     """
     used = counts > 0  # (n, m)
@@ -1010,8 +1010,9 @@ def with_tail_samples(
     distinct ids drawn m times from the tail alone (p / rest over the other tokens), their counts (0 = unused
     slot) and their log-probabilities at τ = 1. The estimate of the tail's mass at temperature τ on a drawn
     id j is (count_j / m) · rest · p_j^(1/τ − 1) (importance weights: exactly count_j/m · rest at τ = 1, an
-    unbiased estimate of p_j, so the forward-KL gradient stays unbiased while the head is exact). `distill.sparse`
-    divides stored log-probs by τ, so τ times the log of that estimate is stored; nothing is left in the rest.
+    unbiased estimate of p_j, so the forward-KL gradient stays unbiased while the head is exact).
+    `distill.losses.sparse` divides stored log-probs by τ, so τ times the log of that estimate is stored; nothing
+    is left in the rest.
     """
     used = tail_counts > 0  # (n, m)
     m = tail_counts.shape[-1]

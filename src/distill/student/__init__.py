@@ -1,5 +1,6 @@
-"""Structured pruning of a teacher into a smaller student (the mechanics behind `distill.student`).
+"""Build a student by pruning the teacher, ready for distillation (`distill student`, `student.from_teacher`).
 
+build.py         reads top to bottom: plan -> load -> score -> cut -> save (`build_student`)
 architecture.py  which parameter holds which axis (hidden, MLP neurons, query heads, KV heads)
 target.py        the student's sizes: explicit ones, or solved from a parameter budget
 importance.py    what to keep: block influence (depth) and activation or weight magnitudes (width)

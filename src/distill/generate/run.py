@@ -12,7 +12,7 @@ Chat prompts (`messages` rows) come back as `messages` with the teacher's answer
 logits, over the tokenizer's vocabulary), so the same file can feed logit distillation later.
 
 Teachers: a local transformers model (batched, left-padded, KV-cached `generate`), or any OpenAI-compatible endpoint
-(`teacher.endpoint`; see `distill.endpoint`).
+(`teacher.endpoint`; see `distill.generate.client`).
 
 Resumable: finished prompts are appended (all samples of a prompt in one go, flushed) to a partial file beside the
 output, with the settings that made it in a sidecar JSON. A rerun after a kill drops a torn last group, skips the
@@ -615,7 +615,7 @@ def _local_row(prompt: Prompt, prompt_ids: list[int], sample: int, c: Completion
 
 
 def _generate_endpoint(recipe, prompts, settings, output, log, show_progress) -> Path:
-    from distill.endpoint import EndpointClient
+    from distill.generate.client import EndpointClient
 
     g, t = recipe.generate, recipe.teacher
     api_key = os.environ.get(t.api_key_env) or None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.losses import divergence_from_log_probs, log_probs
+from distill.losses.dense import divergence_from_log_probs, log_probs
 
 SEARCHES = ("auto", "exhaustive", "greedy")
 

@@ -119,7 +119,7 @@ class Checkpoint:
 def save_checkpoint(folder: Path, model_state: dict, optimizer_state: dict, rng_states: list, state: RunState) -> Path:
     """Write checkpoints/step-N atomically and return its path.
 
-    `model_state` and `optimizer_state` are whole, name-keyed state dicts (`distill.parallel.full_state_dicts`),
+    `model_state` and `optimizer_state` are whole, name-keyed state dicts (`distill.train.parallel.full_state_dicts`),
     `rng_states` one `rng_state()` per rank.
     """
     final = Path(folder) / f"step-{state.step}"

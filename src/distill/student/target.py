@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import DistillError
-from distill.pruning.architecture import axes_of, check_supported, split_name
+from distill.student.architecture import axes_of, check_supported, split_name
 
 WIDTH_FLOOR = 0.5
 

@@ -5,9 +5,9 @@ logits plus several (N, V) float32 intermediates (log-probabilities, their expon
 N = 16k tokens and V = 150k that is tens of GiB, far more than the model itself. Here only the (N, H) hidden
 states are inputs; for each chunk of n tokens the forward pass
 
-1. forms the chunk's logits from the hidden states and the output head (`distill.heads.OutputHead`: weight,
+1. forms the chunk's logits from the hidden states and the output head (`distill.losses.heads.OutputHead`: weight,
    bias, logit scale, softcap), the teacher's without gradient;
-2. evaluates the objective on them with the shared definitions of `distill.losses` (or `distill.sparse` for
+2. evaluates the objective on them with the shared definitions of `distill.losses.dense` (or `distill.losses.sparse` for
    stored top-k targets), and differentiates it w.r.t. the chunk's logits right away, with autograd or, for
    forward KL / reverse KL / cross-entropy and for forward KL against sparse targets, in closed form;
 3. turns that (n, V) gradient into the gradients of the hidden states (n, H), the weight (V, H) and the bias,
@@ -16,7 +16,7 @@ states are inputs; for each chunk of n tokens the forward pass
 The backward pass only scales the stored gradients by the incoming gradient. Peak extra memory is therefore
 O(n · V) for the chunk plus the gradients of the inputs themselves, independent of N. The same idea appears in
 Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989) and in litgpt's
-`chunked_cross_entropy`; here it carries every divergence of `distill.losses`.
+`chunked_cross_entropy`; here it carries every divergence of `distill.losses.dense`.
 
 Chunk size: `chunk_rows_for(vocab_size, memory_budget_bytes, ...)` picks n so that the (n, V) float32 buffers
 alive at once stay within the budget (default 256 MiB). The vocabulary is not split: one token's logits are the
@@ -40,8 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.heads import OutputHead
-from distill.losses import (
+from distill.losses.dense import (
     IGNORE_INDEX,
     check_objective,
     divergence_from_log_probs,
@@ -49,7 +48,8 @@ from distill.losses import (
     token_cross_entropy,
     token_divergence,
 )
-from distill.sparse import SparseTargets, is_forward_kl, sparse_forward_kl_chunk, sparse_token_divergence
+from distill.losses.heads import OutputHead
+from distill.losses.sparse import SparseTargets, is_forward_kl, sparse_forward_kl_chunk, sparse_token_divergence
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 

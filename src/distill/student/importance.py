@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.pruning.architecture import HIDDEN_NORMS, NORM_OFFSET
+from distill.student.architecture import HIDDEN_NORMS, NORM_OFFSET
 
 
 @dataclass

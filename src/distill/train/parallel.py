@@ -55,7 +55,7 @@ class StudentLoss(nn.Module):
         logits = self.student(**inputs).logits
         logits = logits[:, :-1, : self.vocab_size]  # (B, T-1, V): output i predicts token i+1
         if sparse is not None:
-            from distill.sparse import sparse_loss_sums
+            from distill.losses.sparse import sparse_loss_sums
 
             kd_sum, ce_sum = sparse_loss_sums(
                 logits.reshape(-1, logits.shape[-1]),  # (B·(T-1), V)
@@ -67,15 +67,15 @@ class StudentLoss(nn.Module):
                 o.temperature,
             )
         else:
-            from distill.losses import loss_sums
+            from distill.losses.dense import loss_sums
 
             kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
         loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
         return loss, kd_sum.detach(), ce_sum.detach()
 
     def _fused(self, inputs, labels, normalizer, teacher_hidden, sparse):
-        from distill.fused import fused_loss_sums
-        from distill.heads import backbone_hidden_states, output_head
+        from distill.losses.fused import fused_loss_sums
+        from distill.losses.heads import backbone_hidden_states, output_head
 
         o = self.objective
         hidden = backbone_hidden_states(self.student, **inputs)[:, :-1]  # (B, T-1, H)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from distill.errors import DistillError
-from distill.pruning.architecture import EMBED_SCALED, HIDDEN_NORMS, NORM_OFFSET, axes_of, split_name
-from distill.pruning.importance import Importance
-from distill.pruning.target import Shape
+from distill.student.architecture import EMBED_SCALED, HIDDEN_NORMS, NORM_OFFSET, axes_of, split_name
+from distill.student.importance import Importance
+from distill.student.target import Shape
 
 
 @dataclass

@@ -20,15 +20,6 @@ from pathlib import Path
 import torch
 
 from distill import atomic
-from distill.checkpoint import (
-    RunState,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from distill.config import Recipe
 from distill.data import (
     build_examples,
@@ -43,9 +34,8 @@ from distill.data import (
     truncated,
 )
 from distill.errors import DistillError
-from distill.evaluate import evaluate_batches
-from distill.heads import output_head
-from distill.losses import IGNORE_INDEX
+from distill.losses.dense import IGNORE_INDEX
+from distill.losses.heads import output_head
 from distill.metrics import MetricsLog, ProgressDisplay
 from distill.models import (
     DTYPES,
@@ -62,8 +52,18 @@ from distill.models import (
     resolve_dtype,
     stored_dtype,
 )
-from distill.onpolicy import OnPolicy
-from distill.parallel import (
+from distill.report.evaluate import evaluate_batches
+from distill.train.checkpoint import (
+    RunState,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from distill.train.onpolicy import OnPolicy
+from distill.train.parallel import (
     StudentLoss,
     clip_gradients,
     full_state_dicts,
@@ -195,7 +195,7 @@ def _cached_tokenizer(cache: str | None) -> str | None:
     """The tokenizer files a `distill cache` folder keeps (None without a cache or for an older cache)."""
     if cache is None:
         return None
-    from distill.cache import cache_tokenizer_dir
+    from distill.cache.build import cache_tokenizer_dir
 
     folder = cache_tokenizer_dir(cache)
     return str(folder) if folder is not None else None
@@ -252,11 +252,11 @@ def step_loss(
 
     The teacher's signal is computed here, without gradients: stored targets from a cache, the teacher's last
     hidden states (fused path: its head is applied chunk by chunk inside the loss) or its logits. The student's
-    side runs inside `loss_module` (a `distill.parallel.StudentLoss`, possibly wrapped by DDP or FSDP). The sums
+    side runs inside `loss_module` (a `distill.train.parallel.StudentLoss`, possibly wrapped by DDP or FSDP). The sums
     run over the micro-batch's loss tokens; the loss is kd_weight·kd_sum + ce_weight·ce_sum divided by
     `normalizer`, the global batch's loss-token count (per rank).
     """
-    from distill.heads import backbone_hidden_states
+    from distill.losses.heads import backbone_hidden_states
 
     o = recipe.objective
     inputs, labels = forward_inputs(batch), batch["labels"]
@@ -308,7 +308,7 @@ def _student_init(recipe: Recipe, out: Path, log) -> Path | None:
         return None
     folder = out / "student-init"
     if not folder.exists():
-        from distill.student import build_student
+        from distill.student.build import build_student
 
         build_student(
             recipe.teacher.path,
@@ -331,7 +331,7 @@ def _teacher_signal(recipe: Recipe, models: Models, train_examples):
     checked against this tokenizer and this list of training examples."""
     if recipe.teacher.cache is None or not recipe.needs_teacher:
         return None
-    from distill.cache import open_cache_for_training
+    from distill.cache.build import open_cache_for_training
 
     return open_cache_for_training(recipe, models.tokenizer, train_examples, models.vocab_size)
 
@@ -550,7 +550,7 @@ def write_run_report(recipe: Recipe, result: TrainResult, eval_examples, device,
     The held-out examples are saved as `eval-data.jsonl` (token ids + loss masks) so `distill eval` can
     reproduce the report, or add other students to it, on exactly the same tokens.
     """
-    from distill.evaluate import evaluate_models
+    from distill.report.evaluate import evaluate_models
 
     eval_file = result.output_dir / "eval-data.jsonl"
     rows = "".join(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) + "\n" for e in eval_examples)
@@ -606,7 +606,7 @@ def _silent(_message: str) -> None:
 
 def _check_fused_heads(models: Models, ids: list[int]) -> None:
     """Fail before training when the fused path would not see the logits the model itself produces."""
-    from distill.heads import verify_output_head
+    from distill.losses.heads import verify_output_head
 
     for role, model in (("student", models.student), ("teacher", models.teacher)):
         if model is None:

@@ -19,9 +19,9 @@ import torch
 
 from distill.data import Example, build_examples, collate, forward_inputs, pad_id_of, read_rows
 from distill.errors import DistillError
-from distill.fused import DEFAULT_MEMORY_BUDGET_BYTES
-from distill.head_metrics import LogitRows, chunked_token_metrics, dense_rows, head_rows
-from distill.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
+from distill.losses.fused import DEFAULT_MEMORY_BUDGET_BYTES
+from distill.losses.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
+from distill.losses.token_metrics import LogitRows, chunked_token_metrics, dense_rows, head_rows
 from distill.models import (
     DTYPES,
     check_vocabulary,
@@ -35,8 +35,8 @@ from distill.models import (
     max_context,
     resolve_dtype,
 )
+from distill.report.speed import SpeedSettings, measure_speed, model_device, size_on_disk
 from distill.sampling import decode, eos_ids
-from distill.speed import SpeedSettings, measure_speed, model_device, size_on_disk
 
 
 @dataclass
@@ -128,7 +128,7 @@ def evaluate_batches(
 ) -> dict[str, float]:
     """Mean cross-entropy, top-1 accuracy and, with a teacher, KL(teacher ‖ student) and agreement.
 
-    Logits are formed from hidden states a chunk of counted tokens at a time (`distill.head_metrics`), both
+    Logits are formed from hidden states a chunk of counted tokens at a time (`distill.losses.token_metrics`), both
     sides, so evaluation needs no more memory than `memory_budget_bytes` of float32 logits beyond the forwards.
     """
     total = TokenSums()
@@ -258,7 +258,7 @@ def _score_pass(
     With `teacher_metrics`, the teacher's own results (KL 0, agreement 1 by construction) come from the same
     forward, so the teacher runs once per pass. `model` may be None (teacher only). Each model stays on its own
     device and dtype; logits are formed a chunk of counted tokens at a time from each model's hidden states
-    (`distill.head_metrics`), the teacher's chunk moving to the model's device for the comparison.
+    (`distill.losses.token_metrics`), the teacher's chunk moving to the model's device for the comparison.
     """
     teacher_device = model_device(teacher)
     model_dev = model_device(model) if model is not None else teacher_device
@@ -685,7 +685,7 @@ def evaluate_models(
         "definitions": DEFINITIONS,
     }
     if out_dir is not None:
-        from distill.report import write_report
+        from distill.report.render import write_report
 
         write_report(report, out_dir, metrics_path)
         log(f"report written to {Path(out_dir) / 'report.html'}")

@@ -1,14 +1,14 @@
 """Evaluation metrics a chunk of tokens at a time: the (tokens × vocabulary) logits are never held whole.
 
-The same idea as the fused loss (`distill.fused`), for evaluation: a model's side is given as a function that forms
-the float32 logits of a few chosen token positions, usually from the backbone's last hidden states and the output
+The same idea as the fused loss (`distill.losses.fused`), for evaluation: a model's side is given as a function that
+forms the float32 logits of a few chosen token positions, usually from the backbone's last hidden states and the output
 head (`head_rows`: (n, H) @ (V, H)ᵀ, then the head's scale and softcap), and the metrics of each chunk are reduced
 to per-token values (a few floats per token) before the next chunk is formed. Only counted positions (label
 != -100) are ever projected. Peak extra memory is O(chunk × V) instead of O(B × T × V): at V = 152k, 8 × 1024
 tokens of float32 logits are 5 GB per model, a 256 MiB chunk budget keeps it under that budget.
 
 `dense_rows` serves the same rows from full logits a model's forward already produced. It is the fallback for
-an architecture whose output head `distill.heads.output_head` cannot reproduce (`verify_output_head`), and the
+an architecture whose output head `distill.losses.heads.output_head` cannot reproduce (`verify_output_head`), and the
 reference the chunked path is tested against; both go through the same per-chunk math (`chunk_metrics`).
 """
 
@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from distill.fused import DEFAULT_MEMORY_BUDGET_BYTES, chunk_rows_for
-from distill.heads import OutputHead
-from distill.losses import IGNORE_INDEX, log_probs
+from distill.losses.dense import IGNORE_INDEX, log_probs
+from distill.losses.fused import DEFAULT_MEMORY_BUDGET_BYTES, chunk_rows_for
+from distill.losses.heads import OutputHead
 
 # rows (n,) long -> float32 logits (n, V) over the real vocabulary of those flat token positions.
 LogitRows = Callable[[torch.Tensor], torch.Tensor]

@@ -1,7 +1,7 @@
 """The output head of a causal LM, taken apart so that logits can be computed a few tokens at a time.
 
 A Hugging Face causal LM computes ``logits = post(lm_head(backbone(input_ids)))``. The fused loss
-(`distill.fused`) needs the two halves separately: the backbone's last hidden states, which are small
+(`distill.losses.fused`) needs the two halves separately: the backbone's last hidden states, which are small
 (tokens × hidden), and the head, so that it can form the large (tokens × vocabulary) logits one chunk at a
 time and never hold all of them.
 

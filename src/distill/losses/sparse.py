@@ -40,7 +40,7 @@ How the tail enters the divergence (`tail`):
                tail mass × KL(uniform ‖ student's normalized tail): the student's tail is pulled toward flat
                instead of being left alone, which is what a tempered (flatter) teacher's tail looks like.
 
-A third way needs no rule: draws from the tail stored next to the top-k (`distill.cache.with_tail_samples`,
+A third way needs no rule: draws from the tail stored next to the top-k (`distill.cache.build.with_tail_samples`,
 ``cache.tail_samples``) become extra ids with estimated probabilities, and log_rest is -inf.
 
 Both rules are exact (equal the dense divergence) when k = V − 1, and when the teacher has exactly k non-zero tokens
@@ -50,7 +50,7 @@ for every divergence that stays finite there (all but reverse_kl, jsd with β = 
 Forward KL (and jsd β = 0, skew_forward_kl α = 0, which are forward KL) has a closed-form gradient,
 τ·(p_student − q) with q the teacher's (bucket: per-token) target, so it skips autograd through the (N, V)
 softmax; the other divergences go through autograd. Its (N, V) work is one log-softmax whose buffer becomes the
-probabilities and then, in place, the gradient; `sparse_forward_kl_chunk` (used by `distill.fused`) also reads
+probabilities and then, in place, the gradient; `sparse_forward_kl_chunk` (used by `distill.losses.fused`) also reads
 the cross-entropy off that same log-softmax and folds its gradient into the same pass, with no autograd at all.
 """
 
@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.losses import IGNORE_INDEX, LOG_PROB_FLOOR, divergence_from_log_probs, log_probs, token_cross_entropy
+from distill.losses.dense import IGNORE_INDEX, LOG_PROB_FLOOR, divergence_from_log_probs, log_probs, token_cross_entropy
 
 TAILS = ("bucket", "uniform")
 _NEG_INF = float("-inf")

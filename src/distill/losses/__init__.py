@@ -1,0 +1,14 @@
+"""The math of distillation: pure functions on tensors, shared by every path (online, fused, cache, on-policy).
+
+dense.py          per-token divergences (forward/reverse KL, JSD, skew KL, TVD), cross-entropy, the reference loss
+sparse.py         the same objectives against stored top-k / sampled teacher targets with a tail (offline cache)
+heads.py          a causal LM's output head (bias, soft-capping, logit scale) and its backbone's hidden states
+fused.py          chunked head + divergence + gradient: never builds (tokens x vocabulary) logits
+token_metrics.py  evaluation sums (CE, KL, agreement, top-1) through the same chunked head path
+
+`from distill.losses import distillation_loss` is the public entry point (see the README's Python section).
+"""
+
+from distill.losses.dense import DIVERGENCES, IGNORE_INDEX, distillation_loss, loss_sums, token_divergence
+
+__all__ = ["DIVERGENCES", "IGNORE_INDEX", "distillation_loss", "loss_sums", "token_divergence"]
