@@ -5,14 +5,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def write_text(path: Path, text: str) -> None:
+def write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `data` (bytes, or pieces of it) to `path` so that a reader sees the old file or the whole new one.
+
+    The bytes reach the disk (fsync) before the rename: otherwise a power cut can leave the new name pointing at
+    an empty file, which is exactly the half-written state this exists to rule out.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "wb") as f:
+        for piece in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str | Iterable[str]) -> None:
+    """`write_bytes` of UTF-8 text (a string, or pieces of it such as JSONL lines)."""
+    pieces = [text] if isinstance(text, str) else text
+    write_bytes(path, (piece.encode("utf-8") for piece in pieces))
 
 
 def write_json(path: Path, content: object) -> None:
