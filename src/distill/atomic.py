@@ -17,12 +17,16 @@ def write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for piece in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
-            f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for piece in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the old file and nothing else
+        raise
 
 
 def write_text(path: Path, text: str | Iterable[str]) -> None:
