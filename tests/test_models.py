@@ -300,3 +300,16 @@ def test_saved_student_round_trips(tmp_path, tokenizer):
     model = load_model(str(folder), "student", torch.float32)
     assert model.config.model_type == "llama" and has_tokenizer(str(folder))
     assert compare_tokenizers(tokenizer, load_tokenizer(str(folder), "student")) is None
+
+
+def test_one_device_rule():
+    from distill.errors import DistillError
+    from distill.models import pick_device
+
+    assert pick_device("auto") == pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(DistillError, match="training.device: 'gpu' is not a device"):
+        pick_device("gpu", key="training.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(DistillError, match="no GPU is visible"):
+            pick_device("cuda:1", key="teacher.device")

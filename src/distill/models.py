@@ -25,6 +25,30 @@ CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pick_device(requested: str | torch.device | None = "auto", key: str = "device", local_rank: int = 0):
+    """The one device rule. `auto`/None: this process's GPU when one is visible, else the CPU; `cuda` picks the
+    process's own GPU (`local_rank` under torchrun); anything else (cpu, cuda:1, mps) as written.
+
+    A GPU asked for where none is visible, or a name torch does not know, is the user's mistake: one line naming
+    `key`, not a CUDA traceback later.
+    """
+    name = "auto" if requested is None else str(requested)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DistillError(f"{key}: {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistillError(f"{key}: {name} was asked for but no GPU is visible")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DistillError(f"{key}: mps was asked for but is not available here")
+    return device
+
+
 def stored_dtype(config) -> torch.dtype | None:
     """The dtype a checkpoint's config.json says its weights are stored in (None when it does not say)."""
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
