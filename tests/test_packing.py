@@ -8,9 +8,9 @@ import torch
 
 from conftest import llama_config, qwen2_config, write_jsonl
 from distill.config import recipe_from_dict
-from distill.data import Example, build_examples, collate, forward_inputs, pack, pad_id_of
+from distill.data import Example, build_examples, collate, forward_inputs, load_data, pack, pad_id_of
 from distill.losses.heads import backbone_hidden_states
-from distill.train.loop import load_data, train
+from distill.train.loop import train
 
 
 def _documents(tokenizer, texts: list[str]) -> list[Example]:

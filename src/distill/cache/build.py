@@ -591,7 +591,7 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
 
 def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
     from distill.models import check_vocabulary, load_model, load_tokenizer, resolve_dtype
-    from distill.train.loop import load_data
+    from distill.data import load_data
 
     t, c = recipe.teacher, recipe.cache
     from_file = c.source == "generated"

@@ -22,16 +22,13 @@ import torch
 from distill import atomic
 from distill.config import Recipe
 from distill.data import (
-    build_examples,
     collate,
     data_fingerprint,
     forward_inputs,
     iter_batches,
-    pack,
+    load_data,
     pad_id_of,
-    split_eval,
     step_example_indices,
-    truncated,
 )
 from distill.errors import DistillError
 from distill.losses.dense import IGNORE_INDEX
@@ -199,34 +196,6 @@ def _cached_tokenizer(cache: str | None) -> str | None:
 
     folder = cache_tokenizer_dir(cache)
     return str(folder) if folder is not None else None
-
-
-def load_data(recipe: Recipe, tokenizer, log=print):
-    d = recipe.data
-    # Packed with nothing held out yet: hold out whole rows first, then pack the rest. Splitting the packed blocks
-    # would put pieces of one document in both sets (a block mixes documents, and a document can span blocks).
-    split_rows_first = d.packing and d.eval is None
-    length, packing = (None, False) if split_rows_first else (d.max_length, d.packing)
-    train, stats = build_examples(d.train, tokenizer, length, d.skip_bad_rows, packing, d.train_split, d.ignore_keys)
-    if stats.bad_rows:
-        log(f"skipped {stats.bad_rows} malformed rows, e.g. {stats.bad_row_messages[0]}")
-    if stats.empty_rows:
-        log(f"skipped {stats.empty_rows} rows with no loss tokens")
-    if not train:
-        raise DistillError(f"data.train {d.train}: no usable examples ({stats.rows} rows read)")
-    if d.eval is not None:
-        held_out, eval_stats = build_examples(
-            d.eval, tokenizer, d.max_length, d.skip_bad_rows, False, d.eval_split, d.ignore_keys
-        )
-        if not held_out:
-            raise DistillError(f"data.eval {d.eval}: no usable examples ({eval_stats.rows} rows read)")
-    else:
-        train, held_out = split_eval(train, d.eval_fraction, d.eval_max_rows, recipe.training.seed)
-    if split_rows_first:
-        # Held-out rows are evaluated as data.eval rows are: one row each, cut to max_length.
-        train, held_out = pack(train, d.max_length), truncated(held_out, d.max_length)
-    log(f"data: {len(train)} training examples ({sum(e.loss_tokens for e in train)} loss tokens), {len(held_out)} eval")
-    return train, held_out
 
 
 def learning_rate(recipe: Recipe, step: int) -> float:
