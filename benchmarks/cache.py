@@ -201,7 +201,8 @@ def main() -> None:
         args.teacher_steps = 20
     torch.set_num_threads(args.threads)
 
-    from distill.cache.build import build_cache, read_manifest
+    from distill.cache.build import build_cache
+    from distill.cache.reader import read_manifest
     from distill.config import recipe_from_dict
     from distill.models import count_parameters, load_model
     from distill.train.loop import train

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.cache.build import (
+from distill.cache.build import build_cache
+from distill.cache.reader import (
     CacheReader,
-    build_cache,
     open_cache_for_training,
     read_manifest,
     sampled_targets,
@@ -383,7 +383,7 @@ def test_reader_targets_grid_matches_labels(tmp_path, teacher_dir, student_dir, 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 7, 8, 9, 10, 17, 18, 31, 32])
 @pytest.mark.parametrize("width", [1, 13, 16])
 def test_bit_packing_round_trips_row_by_row(bits, width):
-    from distill.cache.build import _pack_bits, _unpack_bits
+    from distill.cache.format import _pack_bits, _unpack_bits
 
     values = np.random.default_rng(bits).integers(0, 2**bits, size=(7, width))
     values[0] = 2**bits - 1  # every bit set: a value reaching into the next byte must not leak into it
@@ -457,7 +457,8 @@ def test_packed_ids_and_int4_read_back_within_half_a_step(tmp_path, teacher_dir,
 
 
 def test_cache_keeps_its_tokenizer_and_checks_it(tmp_path, teacher_dir, student_dir, train_file):
-    from distill.cache.build import cache_tokenizer_dir, tokenizer_hash
+    from distill.cache.identity import tokenizer_hash
+    from distill.cache.reader import cache_tokenizer_dir
 
     recipe = recipe_from_dict(recipe_dict(teacher_dir, student_dir, train_file, tmp_path))
     root = build_cache(recipe, **QUIET)
@@ -478,7 +479,7 @@ def test_teacher_weights_are_rehashed_only_when_size_or_mtime_change(
 ):
     import shutil
 
-    import distill.cache.build as cache_module
+    import distill.cache.identity as cache_module
 
     teacher = tmp_path / "teacher"
     shutil.copytree(teacher_dir, teacher)

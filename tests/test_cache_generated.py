@@ -15,7 +15,10 @@ import torch
 import yaml
 
 from conftest import write_jsonl
-from distill.cache.build import _row_top_k, _TokenIds, build_cache, open_cache_for_training, read_manifest, teacher_hash
+from distill.cache.build import build_cache
+from distill.cache.generated import _row_top_k, _TokenIds
+from distill.cache.identity import teacher_hash
+from distill.cache.reader import open_cache_for_training, read_manifest
 from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import collate, load_data, pad_id_of

@@ -223,7 +223,8 @@ def test_chat_completions_of_a_server_build_a_generated_cache_and_train(tmp_path
     import time
 
     from conftest import llama_config
-    from distill.cache.build import build_cache, read_manifest
+    from distill.cache.build import build_cache
+    from distill.cache.reader import read_manifest
     from distill.config import recipe_from_dict
     from distill.generate.run import generate
     from distill.generate.server import bind, build_server, create_app, load_served_model

@@ -119,7 +119,8 @@ def _command_train(args) -> int:
 
 
 def _command_cache(args) -> int:
-    from distill.cache.build import build_cache, verify_cache
+    from distill.cache.build import build_cache
+    from distill.cache.reader import verify_cache
 
     if args.recipe == "verify":
         if len(args.overrides) != 1:

@@ -1,5 +1,8 @@
 """Offline teacher signals: run the teacher once, train many times (`distill cache`, `teacher.cache`).
 
-build.py  the cache: identities, shard format, quantization, building from a teacher or a generate file,
-          verification and the reader that training uses
+build.py      reads top to bottom: plan -> shards from the teacher -> manifest (`build_cache`), dealt over ranks
+format.py     the folder's files: shard names, safetensors layout, atomic writes, bit packing, quantization
+identity.py   who built it: tokenizer and teacher hashes, the teacher's file records
+generated.py  building from a `distill generate` file's stored top-k log-probs instead of running the teacher
+reader.py     reading it back: manifest, verification, sampled targets, `CacheReader` for training
 """

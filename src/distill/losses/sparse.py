@@ -40,7 +40,7 @@ How the tail enters the divergence (`tail`):
                tail mass × KL(uniform ‖ student's normalized tail): the student's tail is pulled toward flat
                instead of being left alone, which is what a tempered (flatter) teacher's tail looks like.
 
-A third way needs no rule: draws from the tail stored next to the top-k (`distill.cache.build.with_tail_samples`,
+A third way needs no rule: draws from the tail stored next to the top-k (`distill.cache.reader.with_tail_samples`,
 ``cache.tail_samples``) become extra ids with estimated probabilities, and log_rest is -inf.
 
 Both rules are exact (equal the dense divergence) when k = V − 1, and when the teacher has exactly k non-zero tokens

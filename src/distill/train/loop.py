@@ -192,7 +192,7 @@ def _cached_tokenizer(cache: str | None) -> str | None:
     """The tokenizer files a `distill cache` folder keeps (None without a cache or for an older cache)."""
     if cache is None:
         return None
-    from distill.cache.build import cache_tokenizer_dir
+    from distill.cache.reader import cache_tokenizer_dir
 
     folder = cache_tokenizer_dir(cache)
     return str(folder) if folder is not None else None
@@ -300,7 +300,7 @@ def _teacher_signal(recipe: Recipe, models: Models, train_examples):
     checked against this tokenizer and this list of training examples."""
     if recipe.teacher.cache is None or not recipe.needs_teacher:
         return None
-    from distill.cache.build import open_cache_for_training
+    from distill.cache.reader import open_cache_for_training
 
     return open_cache_for_training(recipe, models.tokenizer, train_examples, models.vocab_size)
 
