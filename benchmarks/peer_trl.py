@@ -451,7 +451,7 @@ def profile_worker(spec_path: str) -> None:
     full_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # (B, T): TRL shifts itself
 
     def distill_step(student, timed):
-        """distill's fused path (distill.train.loop.step_loss + StudentLoss._fused), phase by phase."""
+        """distill's fused path (distill.train.step.step_loss + StudentLoss._fused), phase by phase."""
         with torch.no_grad():
             t_hidden = timed("teacher forward", lambda: backbone_hidden_states(teacher, **inputs)[:, :-1])
         s_hidden = timed("student forward", lambda: backbone_hidden_states(student, **inputs)[:, :-1])

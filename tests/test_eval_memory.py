@@ -234,11 +234,11 @@ def test_run_report_starts_after_training_memory_is_freed(tmp_path, monkeypatch,
     import yaml
 
     import distill.report.evaluate
-    import distill.train.loop
+    import distill.train.setup
     from distill.cli import main
 
     alive: dict[str, weakref.ref] = {}
-    load_models = distill.train.loop.load_models
+    load_models = distill.train.setup.load_models
 
     def recording_load_models(*args, **kwargs):
         models = load_models(*args, **kwargs)
@@ -252,7 +252,7 @@ def test_run_report_starts_after_training_memory_is_freed(tmp_path, monkeypatch,
         still_alive.extend(name for name, ref in alive.items() if ref() is not None)
         return None
 
-    monkeypatch.setattr(distill.train.loop, "load_models", recording_load_models)
+    monkeypatch.setattr(distill.train.setup, "load_models", recording_load_models)
     monkeypatch.setattr(distill.report.evaluate, "evaluate_models", checking_evaluate_models)
     recipe = {
         "teacher": {"path": str(teacher_dir)},

@@ -18,7 +18,7 @@ from distill.losses.dense import IGNORE_INDEX, distillation_loss
 from distill.losses.heads import output_head
 from distill.models import Models, load_model
 from distill.sampling import eos_ids
-from distill.train.loop import step_loss, train
+from distill.train.loop import train
 from distill.train.onpolicy import (
     OnPolicy,
     is_on_policy_step,
@@ -26,7 +26,8 @@ from distill.train.onpolicy import (
     sample_completions,
     sampling_seed,
 )
-from distill.train.parallel import StudentLoss
+from distill.train.step import StudentLoss, step_loss
+from helpers import final_weights, recipe_dict
 
 CPU = torch.device("cpu")
 MAX_LENGTH = 40
@@ -48,26 +49,13 @@ def pc_file(tmp_path) -> Path:
 
 
 def recipe(teacher_dir, student_dir, train_file, out, **sections) -> dict:
-    base = {
-        "teacher": {"path": str(teacher_dir)},
-        "student": {"path": str(student_dir)},
-        "data": {"train": str(train_file), "max_length": MAX_LENGTH},
-        "objective": {"divergence": "reverse_kl", "fused": False, "on_policy": {"lambda": 1.0, "max_new_tokens": 8}},
-        "training": {"steps": 4, "batch_size": 4, "lr": 5e-3, "save_every": 2, "eval_every": 100, "log_every": 1},
-        "report": {"enabled": False},
-        "output": {"dir": str(out)},
+    defaults = {
+        "data": {"max_length": MAX_LENGTH},
+        "objective": {"divergence": "reverse_kl", "on_policy": {"lambda": 1.0, "max_new_tokens": 8}},
+        "training": {"eval_every": 100},
     }
-    for section, values in sections.items():
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(base.get(section, {}).get(key), dict):
-                base[section][key] = {**base[section][key], **value}
-            else:
-                base.setdefault(section, {})[key] = value
-    return base
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "student" / "model.safetensors"))
+    # deep: objective={"on_policy": {...}} merges into the on_policy settings above.
+    return recipe_dict(teacher_dir, student_dir, train_file, out, defaults, deep=True, **sections)
 
 
 # ---------------------------------------------------------------- which steps
@@ -336,9 +324,9 @@ def test_resume_with_half_on_policy_steps_is_bitwise_exact(tmp_path, tokenizer, 
 
     train(recipe_from_dict(content(tmp_path / "straight")), show_progress=False, log=quiet)
 
-    import distill.train.loop as train_module
+    import distill.train.step as step_module
 
-    real, calls = train_module.step_loss, {"n": 0}
+    real, calls = step_module.step_loss, {"n": 0}
 
     def crash_in_step_5(*args):
         calls["n"] += 1
@@ -346,11 +334,11 @@ def test_resume_with_half_on_policy_steps_is_bitwise_exact(tmp_path, tokenizer, 
             raise RuntimeError("killed")
         return real(*args)
 
-    monkeypatch.setattr(train_module, "step_loss", crash_in_step_5)
+    monkeypatch.setattr(step_module, "step_loss", crash_in_step_5)
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="killed"):
         train(recipe_from_dict(content(crashed)), show_progress=False, log=quiet)
-    monkeypatch.setattr(train_module, "step_loss", real)
+    monkeypatch.setattr(step_module, "step_loss", real)
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-2", "step-4"]
     train(recipe_from_dict(content(crashed)), resume=True, show_progress=False, log=quiet)
 

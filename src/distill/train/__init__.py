@@ -1,7 +1,12 @@
 """The training stage (`distill train`): build models -> build data -> loop -> save.
 
-loop.py        the run: set-up, the optimizer-step loop, evaluation, checkpoints, the saved student, the report
-parallel.py    the student's loss as one module (`StudentLoss`), DDP / FSDP2 around it, whole state dicts
+loop.py        the run, top to bottom: set up -> optimizer steps (logging window, evaluation, checkpoints) -> save
+setup.py       everything before the first step: accelerator, run folder (resume checks), models, the teacher's
+               signal, the loss module under DDP / FSDP2, AdamW, the resumed state (`set_up` -> `Run`)
+step.py        one optimizer step: the student's loss as one module (`StudentLoss`), the teacher's signal of a
+               micro-batch (`step_loss`), the step's micro-batches, accumulate -> clip -> update
+output.py      what a run leaves: the saved student (`save_student`, `saved_dtype`) and the run's report
+parallel.py    DDP / FSDP2 strategies, sharding, no-sync, gradient clipping, whole state dicts
 checkpoint.py  resumable state: weights, AdamW moments, RNG states and counters, written atomically
 onpolicy.py    GKD: the student's own completions replace a share of the steps' data
 """

@@ -1,4 +1,4 @@
-"""Training over several processes: the student's loss as one module, DDP or FSDP2 around it, and state dicts.
+"""Training over several processes: DDP or FSDP2 around the student's loss module, clipping, and state dicts.
 
 Launch with `torchrun --nproc_per_node N -m distill train RECIPE` or `accelerate launch -m distill train RECIPE`;
 accelerate reads the launcher's environment and sets up the process group (gloo on CPU, nccl on GPUs).
@@ -6,7 +6,8 @@ accelerate reads the launcher's environment and sets up the process group (gloo 
 Why a module around the student *and* its loss: the fused loss multiplies hidden states by the output head's
 weight outside the model's own forward. A DDP or FSDP wrapper only sees what runs inside the forward of the module
 it wraps — under FSDP2 the head's weight is a shard everywhere else — so the wrapped module's forward is the whole
-loss computation, and every use of a student weight happens where the wrapper expects it.
+loss computation (`distill.train.step.StudentLoss`), and every use of a student weight happens where the wrapper
+expects it.
 
 The teacher is never trained. Under FSDP2 its decoder layers are sharded (each is gathered for its forward and
 freed after it); its embeddings, final norm and output head stay whole on every rank because the fused loss reads
@@ -21,81 +22,6 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-
-
-class StudentLoss(nn.Module):
-    """forward(model inputs, labels, normalizer, teacher signal) -> (loss to back-propagate, kd sum, ce sum).
-
-    The model inputs are `distill.data.forward_inputs` of the batch (position ids instead of a mask when packed).
-
-    The sums run over the micro-batch's loss tokens; the loss is (kd_weight·kd_sum + ce_weight·ce_sum) / normalizer.
-    Exactly one teacher signal is given: full `teacher_logits` (B, T-1, V), `teacher_hidden` (B, T-1, Ht) with the
-    head set at construction (fused path), `sparse` targets (a cache), or none (hard labels only).
-    """
-
-    def __init__(self, student: nn.Module, objective, vocab_size: int, teacher_head=None):
-        super().__init__()
-        self.student = student
-        self.objective = objective
-        self.vocab_size = vocab_size
-        self.teacher_head = teacher_head  # an OutputHead (plain object, not registered: the teacher is not trained)
-
-    def forward(
-        self,
-        inputs: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        normalizer: float,
-        teacher_logits: torch.Tensor | None = None,
-        teacher_hidden: torch.Tensor | None = None,
-        sparse=None,
-    ):
-        o = self.objective
-        if o.fused:
-            return self._fused(inputs, labels, normalizer, teacher_hidden, sparse)
-        logits = self.student(**inputs).logits
-        logits = logits[:, :-1, : self.vocab_size]  # (B, T-1, V): output i predicts token i+1
-        if sparse is not None:
-            from distill.losses.sparse import sparse_loss_sums
-
-            kd_sum, ce_sum = sparse_loss_sums(
-                logits.reshape(-1, logits.shape[-1]),  # (B·(T-1), V)
-                sparse,
-                labels.reshape(-1),  # (B·(T-1),)
-                o.divergence,
-                o.beta,
-                o.skew,
-                o.temperature,
-            )
-        else:
-            from distill.losses.dense import loss_sums
-
-            kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
-        loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
-        return loss, kd_sum.detach(), ce_sum.detach()
-
-    def _fused(self, inputs, labels, normalizer, teacher_hidden, sparse):
-        from distill.losses.fused import fused_loss_sums
-        from distill.losses.heads import backbone_hidden_states, output_head
-
-        o = self.objective
-        hidden = backbone_hidden_states(self.student, **inputs)[:, :-1]  # (B, T-1, H)
-        return fused_loss_sums(
-            hidden,
-            output_head(self.student),
-            labels,
-            teacher_hidden=teacher_hidden,
-            teacher_head=self.teacher_head if teacher_hidden is not None else None,
-            sparse=sparse,
-            vocab_size=self.vocab_size,
-            divergence=o.divergence,
-            beta=o.beta,
-            skew=o.skew,
-            temperature=o.temperature,
-            ce_weight=o.ce_weight,
-            kd_weight=o.kd_weight,
-            normalizer=normalizer,
-        )
-
 
 # ---------------------------------------------------------------- strategies
 
@@ -119,8 +45,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_student(loss_module: StudentLoss, mixed_precision: str) -> StudentLoss:
-    """FSDP2: each decoder layer is one unit, the rest (embeddings, norm, head) the root unit."""
+def shard_student(loss_module: nn.Module, mixed_precision: str) -> nn.Module:
+    """FSDP2 around a `distill.train.step.StudentLoss`: each decoder layer is one unit, the rest (embeddings,
+    norm, head) the root unit."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
