@@ -19,7 +19,7 @@ import torch
 def held_out_metrics(model_dir: Path, teacher, tokenizer, eval_data: str, max_length: int) -> dict:
     from distill.data import build_examples, iter_batches, pad_id_of
     from distill.models import load_model
-    from distill.report.evaluate import evaluate_batches
+    from distill.report.quality import evaluate_batches
 
     examples, _ = build_examples(eval_data, tokenizer, max_length)
     model = load_model(str(model_dir), "student", torch.float32).eval()

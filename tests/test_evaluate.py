@@ -12,16 +12,10 @@ import torch.nn.functional as F
 from conftest import train_tokenizer, write_jsonl
 from distill.data import Example, build_examples, collate
 from distill.errors import DistillError
-from distill.report.evaluate import (
-    counted_bytes,
-    evaluate_models,
-    exact_match,
-    normalize_answer,
-    parse_model_arguments,
-    retention_of,
-    speedup_of,
-    token_metrics,
-)
+from distill.report.evaluate import evaluate_models, parse_model_arguments
+from distill.report.generation import exact_match, normalize_answer
+from distill.report.quality import counted_bytes, token_metrics
+from distill.report.retention import retention_of, speedup_of
 from distill.report.speed import SpeedSettings, measure_speed
 
 TINY_SPEED = SpeedSettings(runs=1, warmup=0, prompt_tokens=8, new_tokens=3, batch_size=2)

@@ -21,7 +21,7 @@ from distill.data import Example, pad_id_of
 from distill.generate.run import generate
 from distill.generate.run import sample_completions as generate_completions
 from distill.models import load_model, new_model_from_config
-from distill.report.evaluate import exact_match
+from distill.report.generation import exact_match
 from distill.sampling import decode, eos_ids
 from distill.train.onpolicy import OnPolicy, sample_completions
 

@@ -281,12 +281,12 @@ class _SecondNewline:
 def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 6) -> dict:
     """Exact match of greedy line completion (see COMPLETION_DEFINITION); batch 1, like a code editor.
 
-    `distill.report.evaluate.exact_match` compares everything generated, and a code model never stops after one line,
+    `distill.report.generation.exact_match` compares everything generated, and a code model never stops after one line,
     so here decoding stops at the end of the first generated line and only that line is compared. Decoded by
     `distill.sampling.decode` like every other path: plain greedy, no id past the tokenizer.
     """
     from distill.data import pad_id_of
-    from distill.report.evaluate import normalize_answer
+    from distill.report.generation import normalize_answer
     from distill.sampling import decode, eos_ids
 
     device = next(model.parameters()).device
@@ -320,8 +320,9 @@ def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 
 def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed: bool = True) -> dict:
     """The retention report (distill.report.evaluate) plus line completion for every model; writes report.*."""
     from distill.models import load_model, load_tokenizer
-    from distill.report.evaluate import DEFINITIONS, evaluate_models, retention_of
+    from distill.report.evaluate import DEFINITIONS, evaluate_models
     from distill.report.render import write_report
+    from distill.report.retention import retention_of
     from distill.report.speed import SpeedSettings
 
     report = evaluate_models(

@@ -1,0 +1,64 @@
+"""Exact match on a generation task: greedy continuations of prompts against their answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from distill.data import pad_id_of, read_rows
+from distill.errors import DistillError
+from distill.report.speed import model_device
+from distill.sampling import decode, eos_ids
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalization: strip the ends and collapse every whitespace run to one space."""
+    return " ".join(text.split())
+
+
+def read_generation_rows(source: str) -> list[dict]:
+    """Rows of a generation task: {"prompt": str, "answer": str} ("completion" is accepted for "answer")."""
+    rows = []
+    for where, row in read_rows(source):
+        if isinstance(row, Exception):
+            raise DistillError(f"bad generation row at {where}: {row}")
+        answer = row.get("answer", row.get("completion")) if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(answer, str):
+            raise DistillError(f'bad generation row at {where}: needs "prompt" and "answer" strings')
+        rows.append({"prompt": row["prompt"], "answer": answer})
+    if not rows:
+        raise DistillError(f"generation file {source} has no rows")
+    return rows
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, rows: Sequence[dict], max_length: int, extra_tokens: int = 16) -> dict:
+    """Greedy-decode each prompt (batch 1, stops at EOS or after the answer's token count + `extra_tokens`)
+    and compare the normalized continuation with the normalized answer.
+
+    Through `distill.sampling.decode`: greedy is plain greedy whatever the model folder's generation_config.json
+    says (a checkpoint's repetition penalty or min_new_tokens would change the answer), and no padded embedding
+    row past the tokenizer is ever chosen."""
+    device = model_device(model)
+    pad_id = pad_id_of(tokenizer)
+    eos = eos_ids(model, tokenizer)
+    hits, samples = 0, []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"][-max_length:]
+        answer_tokens = len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"])
+        output = decode(
+            model,
+            [prompt],
+            max_new_tokens=answer_tokens + extra_tokens,
+            eos_ids=eos,
+            pad_id=pad_id,
+            vocab_size=len(tokenizer),
+            device=device,
+        )
+        text = tokenizer.decode(output.new_ids[0].tolist(), skip_special_tokens=True)
+        hit = normalize_answer(text) == normalize_answer(row["answer"])
+        hits += hit
+        if len(samples) < 5:
+            samples.append({"prompt": row["prompt"], "answer": row["answer"], "output": text, "match": bool(hit)})
+    return {"exact_match": hits / max(len(rows), 1), "generation_rows": len(rows), "generation_samples": samples}
