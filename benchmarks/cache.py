@@ -126,7 +126,7 @@ def prepare_models(args, work: Path, train_file: Path) -> None:
 def held_out_metrics(model_dir: Path, teacher_dir: Path, eval_file: Path, max_length: int) -> dict:
     from distill.data import build_examples, iter_batches, pad_id_of
     from distill.models import load_model, load_tokenizer
-    from distill.report.evaluate import evaluate_batches
+    from distill.report.quality import evaluate_batches
 
     tokenizer = load_tokenizer(str(TOKENIZER), "student")
     examples, _ = build_examples(eval_file, tokenizer, max_length)

@@ -16,15 +16,8 @@ from torch.utils._pytree import tree_leaves
 from conftest import llama_config, save_model, write_jsonl
 from distill.data import collate, forward_inputs
 from distill.losses.token_metrics import chunk_metrics, chunked_token_metrics, dense_rows
-from distill.report.evaluate import (
-    TokenSums,
-    checked_head,
-    evaluate_batches,
-    evaluate_models,
-    logit_rows,
-    token_metrics,
-    token_sums,
-)
+from distill.report.evaluate import evaluate_models
+from distill.report.quality import TokenSums, checked_head, evaluate_batches, logit_rows, token_metrics, token_sums
 
 RTOL = 1e-5
 TINY_BUDGET = 1  # the smallest chunk (8 tokens): many chunks per batch, so chunk boundaries are exercised
