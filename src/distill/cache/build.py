@@ -43,7 +43,6 @@ from distill.cache.format import (
     _encode_log_probs,
     _encode_safetensors,
     _pack_bits,
-    _write_bytes_atomic,
     bytes_per_token,
     id_bits,
     shard_name,
@@ -57,7 +56,7 @@ from distill.cache.identity import (
     teacher_hash,
     tokenizer_hash,
 )
-from distill.data import Example, collate, data_fingerprint, forward_inputs, pad_id_of
+from distill.data import Example, collate, data_fingerprint, forward_inputs, load_data, pad_id_of
 from distill.errors import DistillError
 from distill.losses.dense import IGNORE_INDEX
 from distill.losses.sparse import tail_half_mass
@@ -314,7 +313,6 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
 
 
 def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
-    from distill.data import load_data
     from distill.models import check_vocabulary, load_model, load_tokenizer, resolve_dtype
 
     t, c = recipe.teacher, recipe.cache
@@ -391,7 +389,7 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
         pad_id = pad_id_of(tokenizer)
         for n, i in enumerate(mine, 1):
             arrays = _shard_arrays(teacher, examples, plan, i, pad_id, device)
-            _write_bytes_atomic(root / plan["shards"][i]["file"], _encode_safetensors(arrays))
+            atomic.write_bytes(root / plan["shards"][i]["file"], _encode_safetensors(arrays))
             if show_progress:
                 log(f"cache: shard {done + n * ranks.world}/{len(plan['shards'])} written")
     ranks.barrier()  # every shard exists

@@ -10,7 +10,7 @@ Folder layout::
                                   (float32 / float16 / 8- or 4-bit codes), offsets of each example's rows
     tokenizer/                    the tokenizer's files, for recipes that name no other tokenizer
 
-Shards hold consecutive examples of the trainer's own example list (`distill.train.loop.load_data`, i.e. after
+Shards hold consecutive examples of the trainer's own example list (`distill.data.load_data`, i.e. after
 the held-out split) and end at example boundaries; row r of a shard belongs to a loss token of an example in
 order, so an example's rows are `offsets[j]:offsets[j+1]` (random access for shuffled training, through
 memory maps). With ``precision: int8`` / ``int4`` each row stores its highest and lowest log-prob in float16
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -81,15 +80,6 @@ def _open_safetensors(path: Path) -> dict[str, np.ndarray]:
         dtype = np.dtype(_ST_TO_NP[spec["dtype"]]).newbyteorder("<")
         arrays[name] = raw[base + start : base + end].view(dtype).reshape(spec["shape"])
     return arrays
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- quantization and bit packing

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.cache.format import _encode_log_probs, _encode_safetensors, _pack_bits, _write_bytes_atomic
+from distill import atomic
+from distill.cache.format import _encode_log_probs, _encode_safetensors, _pack_bits
 from distill.cache.identity import _sha256_file
 from distill.data import Example
 from distill.errors import DistillError
@@ -236,7 +237,7 @@ def _write_generated_shards(
         arrays["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (examples + 1,)
         if len(all_ids) != shard["tokens"] or arrays["offsets"][-1] != len(all_ids):
             raise DistillError(f"internal error: shard {shard['file']} has {len(all_ids)} rows, not {shard['tokens']}")
-        _write_bytes_atomic(root / shard["file"], _encode_safetensors(arrays))
+        atomic.write_bytes(root / shard["file"], _encode_safetensors(arrays))
         parts, written = [], written + 1
         if log is not None:
             log(f"cache: shard {written}/{len(mine)} written")
