@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import helpers
 from distill.cache.build import build_cache
 from distill.cache.reader import (
     CacheReader,
@@ -32,8 +31,8 @@ from distill.losses.dense import loss_sums
 from distill.losses.sparse import sparse_loss_sums, top_k_targets
 from distill.models import load_model, load_tokenizer
 from distill.train.loop import train
-from helpers import QUIET
 
+QUIET = {"log": lambda _: None, "show_progress": False}
 # The cache settings these tests were written for (float16, 16-bit ids, no tail draws); the defaults are now the
 # measured best representation (tested in test_cache_defaults_are_the_measured_best_representation).
 FIRST_WAVE_CACHE = {"precision": "float16", "pack_ids": False, "tail_samples": 0}
@@ -55,12 +54,19 @@ def peaky_teacher_dir(tmp_path_factory, teacher_dir) -> Path:
 def recipe_dict(teacher_dir, student_dir, train_file, tmp_path, **sections):
     # student.tokenizer: a cache-only recipe (no teacher.path) still needs the tokenizer, and the tiny student
     # folder has none of its own.
-    defaults = {
-        "student": {"tokenizer": str(teacher_dir)},
-        "training": {"steps": 3, "save_every": 10, "eval_every": 10},
+    base = {
+        "teacher": {"path": str(teacher_dir)},
+        "student": {"path": str(student_dir), "tokenizer": str(teacher_dir)},
+        "data": {"train": str(train_file), "max_length": 48},
+        "objective": {"divergence": "forward_kl", "fused": False},
+        "training": {"steps": 3, "batch_size": 4, "lr": 5e-3, "save_every": 10, "eval_every": 10, "log_every": 1},
         "cache": {"dir": str(tmp_path / "cache"), "top_k": 8, "shard_tokens": 200, **FIRST_WAVE_CACHE},
+        "report": {"enabled": False},
+        "output": {"dir": str(tmp_path / "run")},
     }
-    return helpers.recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", defaults, **sections)
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return base
 
 
 def trainer_view(recipe):
