@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import helpers
 from distill.cache.build import build_cache
 from distill.cache.reader import (
     CacheReader,
@@ -31,8 +32,8 @@ from distill.losses.dense import loss_sums
 from distill.losses.sparse import sparse_loss_sums, top_k_targets
 from distill.models import load_model, load_tokenizer
 from distill.train.loop import train
+from helpers import QUIET
 
-QUIET = {"log": lambda _: None, "show_progress": False}
 # The cache settings these tests were written for (float16, 16-bit ids, no tail draws); the defaults are now the
 # measured best representation (tested in test_cache_defaults_are_the_measured_best_representation).
 FIRST_WAVE_CACHE = {"precision": "float16", "pack_ids": False, "tail_samples": 0}
@@ -54,19 +55,12 @@ def peaky_teacher_dir(tmp_path_factory, teacher_dir) -> Path:
 def recipe_dict(teacher_dir, student_dir, train_file, tmp_path, **sections):
     # student.tokenizer: a cache-only recipe (no teacher.path) still needs the tokenizer, and the tiny student
     # folder has none of its own.
-    base = {
-        "teacher": {"path": str(teacher_dir)},
-        "student": {"path": str(student_dir), "tokenizer": str(teacher_dir)},
-        "data": {"train": str(train_file), "max_length": 48},
-        "objective": {"divergence": "forward_kl", "fused": False},
-        "training": {"steps": 3, "batch_size": 4, "lr": 5e-3, "save_every": 10, "eval_every": 10, "log_every": 1},
+    defaults = {
+        "student": {"tokenizer": str(teacher_dir)},
+        "training": {"steps": 3, "save_every": 10, "eval_every": 10},
         "cache": {"dir": str(tmp_path / "cache"), "top_k": 8, "shard_tokens": 200, **FIRST_WAVE_CACHE},
-        "report": {"enabled": False},
-        "output": {"dir": str(tmp_path / "run")},
     }
-    for section, values in sections.items():
-        base.setdefault(section, {}).update(values)
-    return base
+    return helpers.recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", defaults, **sections)
 
 
 def trainer_view(recipe):
@@ -316,14 +310,13 @@ def test_sampled_cache_trains_on_both_paths(tmp_path, teacher_dir, student_dir, 
 
 _BUILD = """
 import sys, time
-import distill.atomic as atomic
 import distill.cache.build as cache
 from distill.config import load_recipe
-real = atomic.write_bytes
+real = cache._write_bytes_atomic
 def slow(path, data):
     time.sleep(0.05)  # widen the window between shards so the kill lands mid-build
     real(path, data)
-atomic.write_bytes = slow
+cache._write_bytes_atomic = slow
 cache.build_cache(load_recipe(sys.argv[1]), log=lambda _: None, show_progress=False)
 """
 

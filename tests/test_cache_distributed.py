@@ -17,8 +17,7 @@ import yaml
 
 from distill.cache.build import build_cache
 from distill.config import load_recipe, recipe_from_dict
-
-QUIET = {"log": lambda _: None, "show_progress": False}
+from helpers import QUIET
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import helpers
 from conftest import write_jsonl
 from distill.cache.build import build_cache
 from distill.cache.generated import _row_top_k, _TokenIds
@@ -27,8 +28,8 @@ from distill.generate.run import generate
 from distill.losses.sparse import sparse_loss_sums, top_k_targets
 from distill.models import load_model, load_tokenizer
 from distill.train.loop import train
+from helpers import QUIET
 
-QUIET = {"log": lambda _: None, "show_progress": False}
 PROMPTS = [
     {"prompt": "def add(a, b):"},
     {"prompt": "the quick brown"},
@@ -68,19 +69,14 @@ def teacher(teacher_dir):
 
 
 def recipe_dict(teacher_dir, student_dir, train_file: Path, tmp_path: Path, **sections) -> dict:
-    base = {
-        "teacher": {"path": str(teacher_dir)},
-        "student": {"path": str(student_dir), "tokenizer": str(teacher_dir)},
-        "data": {"train": str(train_file), "max_length": 64},
-        "objective": {"divergence": "forward_kl"},
-        "training": {"steps": 2, "batch_size": 4, "lr": 5e-3, "save_every": 10, "eval_every": 10, "log_every": 1},
+    defaults = {
+        "student": {"tokenizer": str(teacher_dir)},
+        "data": {"max_length": 64},
+        "objective": {"fused": True},  # the recipe default; these tests were written without the shared fused=False
+        "training": {"steps": 2, "save_every": 10, "eval_every": 10},
         "cache": {"dir": str(tmp_path / "cache"), "source": "generated", "shard_tokens": 20},
-        "report": {"enabled": False},
-        "output": {"dir": str(tmp_path / "run")},
     }
-    for section, values in sections.items():
-        base.setdefault(section, {}).update(values)
-    return base
+    return helpers.recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", defaults, **sections)
 
 
 def rows_of(path: Path) -> list[dict]:

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from test_train import final_weights, recipe_dict, write_recipe
+from helpers import final_weights, recipe_dict, write_recipe
 
 STEPS = 6
 

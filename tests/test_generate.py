@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import write_jsonl
 from distill.cli import main
@@ -21,6 +20,7 @@ from distill.data import build_examples
 from distill.errors import DistillError
 from distill.generate.run import PartialFile, _finish, encode_prompt, generate, read_prompts, sample_completions
 from distill.models import load_model, load_tokenizer
+from helpers import write_recipe
 
 PROMPTS = [
     {"prompt": "def add(a, b):"},
@@ -293,11 +293,6 @@ def test_partial_file_from_other_settings_is_refused(tmp_path, teacher_dir, prom
     write_jsonl(prompts_file, PROMPTS)
     generate(make_recipe(teacher_dir, prompts_file, out), log=quiet)  # the original recipe continues
     assert len(read_rows_of(out)) == UNIQUE
-
-
-def write_recipe(path: Path, content: dict) -> Path:
-    path.write_text(yaml.safe_dump(content), encoding="utf-8")
-    return path
 
 
 def test_cli_generate_end_to_end_and_bad_input(tmp_path, teacher_dir, prompts_file, capsys):

@@ -12,7 +12,7 @@ from conftest import llama_config, write_jsonl
 from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.train.loop import train
-from test_train import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
 
 def _run(tmp_path, recipe_content, *args) -> int:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,26 +21,7 @@ from distill.data import build_examples, iter_batches
 from distill.models import load_model, load_tokenizer
 from distill.report.evaluate import evaluate_batches
 from distill.train.loop import train
-
-
-def recipe_dict(teacher_dir, student_dir, train_file, out, **sections):
-    base = {
-        "teacher": {"path": str(teacher_dir)},
-        "student": {"path": str(student_dir)},
-        "data": {"train": str(train_file), "max_length": 48},
-        "objective": {"divergence": "forward_kl", "fused": False},
-        "training": {"steps": 4, "batch_size": 4, "lr": 5e-3, "save_every": 2, "eval_every": 2, "log_every": 1},
-        "report": {"enabled": False},
-        "output": {"dir": str(out)},
-    }
-    for section, values in sections.items():
-        base.setdefault(section, {}).update(values)
-    return base
-
-
-def write_recipe(path: Path, content: dict) -> Path:
-    path.write_text(yaml.safe_dump(content), encoding="utf-8")
-    return path
+from helpers import final_weights, recipe_dict, write_recipe
 
 
 def held_out_kl(model_dir, teacher_dir, eval_file) -> float:
@@ -96,10 +76,6 @@ def test_cli_trains_writes_outputs_and_moves_student_toward_teacher(
     assert held_out_kl(student, teacher_dir, eval_file) < 0.8 * held_out_kl(student_dir, teacher_dir, eval_file)
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "student" / "model.safetensors"))
-
-
 def test_eight_micro_batches_of_one_equal_one_batch_of_eight(
     tmp_path, teacher_dir, student_dir, train_file, monkeypatch
 ):
@@ -108,7 +84,7 @@ def test_eight_micro_batches_of_one_equal_one_batch_of_eight(
     def sgd(groups, lr, **_):
         return torch.optim.SGD(groups, lr=lr)
 
-    monkeypatch.setattr("distill.train.setup.torch.optim.AdamW", sgd)
+    monkeypatch.setattr("distill.train.loop.torch.optim.AdamW", sgd)
     results = []
     for accum in (1, 8):
         content = recipe_dict(
@@ -191,9 +167,9 @@ def test_sigkill_and_resume_give_bitwise_identical_weights(tmp_path, teacher_dir
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     tmp_path, teacher_dir, student_dir, train_file, monkeypatch
 ):
-    import distill.train.step as step_module
+    import distill.train.loop as train_module
 
-    real = step_module.step_loss
+    real = train_module.step_loss
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -201,7 +177,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
         loss, kd, ce = real(*args)
         return (loss * float("nan"), kd * float("nan"), ce) if calls["n"] == 3 else (loss, kd, ce)
 
-    monkeypatch.setattr(step_module, "step_loss", poisoned)
+    monkeypatch.setattr(train_module, "step_loss", poisoned)
     content = recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", training={"steps": 6})
     from distill.errors import DistillError
 
@@ -273,7 +249,7 @@ def test_fused_and_plain_training_give_the_same_update(
     def sgd(groups, lr, **_):
         return torch.optim.SGD(groups, lr=lr)
 
-    monkeypatch.setattr("distill.train.setup.torch.optim.AdamW", sgd)
+    monkeypatch.setattr("distill.train.loop.torch.optim.AdamW", sgd)
     start = load_file(str(student_dir / "model.safetensors"))
     updates = []
     for fused in (False, True):
