@@ -310,13 +310,14 @@ def test_sampled_cache_trains_on_both_paths(tmp_path, teacher_dir, student_dir, 
 
 _BUILD = """
 import sys, time
+import distill.atomic as atomic
 import distill.cache.build as cache
 from distill.config import load_recipe
-real = cache._write_bytes_atomic
+real = atomic.write_bytes
 def slow(path, data):
     time.sleep(0.05)  # widen the window between shards so the kill lands mid-build
     real(path, data)
-cache._write_bytes_atomic = slow
+atomic.write_bytes = slow
 cache.build_cache(load_recipe(sys.argv[1]), log=lambda _: None, show_progress=False)
 """
 

@@ -18,7 +18,7 @@ from distill.losses.dense import IGNORE_INDEX, distillation_loss
 from distill.losses.heads import output_head
 from distill.models import Models, load_model
 from distill.sampling import eos_ids
-from distill.train.loop import step_loss, train
+from distill.train.loop import train
 from distill.train.onpolicy import (
     OnPolicy,
     is_on_policy_step,
@@ -26,7 +26,7 @@ from distill.train.onpolicy import (
     sample_completions,
     sampling_seed,
 )
-from distill.train.parallel import StudentLoss
+from distill.train.step import StudentLoss, step_loss
 from helpers import final_weights, recipe_dict
 
 CPU = torch.device("cpu")
@@ -324,9 +324,9 @@ def test_resume_with_half_on_policy_steps_is_bitwise_exact(tmp_path, tokenizer, 
 
     train(recipe_from_dict(content(tmp_path / "straight")), show_progress=False, log=quiet)
 
-    import distill.train.loop as train_module
+    import distill.train.step as step_module
 
-    real, calls = train_module.step_loss, {"n": 0}
+    real, calls = step_module.step_loss, {"n": 0}
 
     def crash_in_step_5(*args):
         calls["n"] += 1
@@ -334,11 +334,11 @@ def test_resume_with_half_on_policy_steps_is_bitwise_exact(tmp_path, tokenizer, 
             raise RuntimeError("killed")
         return real(*args)
 
-    monkeypatch.setattr(train_module, "step_loss", crash_in_step_5)
+    monkeypatch.setattr(step_module, "step_loss", crash_in_step_5)
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="killed"):
         train(recipe_from_dict(content(crashed)), show_progress=False, log=quiet)
-    monkeypatch.setattr(train_module, "step_loss", real)
+    monkeypatch.setattr(step_module, "step_loss", real)
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-2", "step-4"]
     train(recipe_from_dict(content(crashed)), resume=True, show_progress=False, log=quiet)
 

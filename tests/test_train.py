@@ -84,7 +84,7 @@ def test_eight_micro_batches_of_one_equal_one_batch_of_eight(
     def sgd(groups, lr, **_):
         return torch.optim.SGD(groups, lr=lr)
 
-    monkeypatch.setattr("distill.train.loop.torch.optim.AdamW", sgd)
+    monkeypatch.setattr("distill.train.setup.torch.optim.AdamW", sgd)
     results = []
     for accum in (1, 8):
         content = recipe_dict(
@@ -167,9 +167,9 @@ def test_sigkill_and_resume_give_bitwise_identical_weights(tmp_path, teacher_dir
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     tmp_path, teacher_dir, student_dir, train_file, monkeypatch
 ):
-    import distill.train.loop as train_module
+    import distill.train.step as step_module
 
-    real = train_module.step_loss
+    real = step_module.step_loss
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -177,7 +177,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
         loss, kd, ce = real(*args)
         return (loss * float("nan"), kd * float("nan"), ce) if calls["n"] == 3 else (loss, kd, ce)
 
-    monkeypatch.setattr(train_module, "step_loss", poisoned)
+    monkeypatch.setattr(step_module, "step_loss", poisoned)
     content = recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", training={"steps": 6})
     from distill.errors import DistillError
 
@@ -249,7 +249,7 @@ def test_fused_and_plain_training_give_the_same_update(
     def sgd(groups, lr, **_):
         return torch.optim.SGD(groups, lr=lr)
 
-    monkeypatch.setattr("distill.train.loop.torch.optim.AdamW", sgd)
+    monkeypatch.setattr("distill.train.setup.torch.optim.AdamW", sgd)
     start = load_file(str(student_dir / "model.safetensors"))
     updates = []
     for fused in (False, True):
