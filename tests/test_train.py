@@ -19,7 +19,7 @@ from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import build_examples, iter_batches
 from distill.models import load_model, load_tokenizer
-from distill.report.evaluate import evaluate_batches
+from distill.report.quality import evaluate_batches
 from distill.train.loop import train
 from helpers import final_weights, recipe_dict, write_recipe
 
