@@ -1,5 +1,6 @@
 """The math of distillation: pure functions on tensors, shared by every path (online, fused, cache, on-policy).
 
+objective.py      the Objective value (divergence, β, α, τ, the two weights; "is this forward KL?")
 dense.py          per-token divergences (forward/reverse KL, JSD, skew KL, TVD), cross-entropy, the reference loss
 sparse.py         the same objectives against stored top-k / sampled teacher targets with a tail (offline cache)
 heads.py          a causal LM's output head (bias, soft-capping, logit scale) and its backbone's hidden states
@@ -10,5 +11,6 @@ token_metrics.py  evaluation sums (CE, KL, agreement, top-1) through the same ch
 """
 
 from distill.losses.dense import DIVERGENCES, IGNORE_INDEX, distillation_loss, loss_sums, token_divergence
+from distill.losses.objective import Objective
 
-__all__ = ["DIVERGENCES", "IGNORE_INDEX", "distillation_loss", "loss_sums", "token_divergence"]
+__all__ = ["DIVERGENCES", "IGNORE_INDEX", "Objective", "distillation_loss", "loss_sums", "token_divergence"]

@@ -35,21 +35,19 @@ float32 first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from distill.losses.dense import (
     IGNORE_INDEX,
-    check_objective,
     divergence_from_log_probs,
     log_probs,
     token_cross_entropy,
     token_divergence,
 )
 from distill.losses.heads import OutputHead
-from distill.losses.sparse import SparseTargets, is_forward_kl, sparse_forward_kl_chunk, sparse_token_divergence
+from distill.losses.objective import Objective
+from distill.losses.sparse import SparseTargets, sparse_forward_kl_chunk, sparse_token_divergence
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 
@@ -81,17 +79,6 @@ def chunk_rows_for(
     return max(_MIN_ROWS, rows // 8 * 8)
 
 
-@dataclass(frozen=True)
-class _Objective:
-    divergence: str
-    beta: float
-    skew: float
-    temperature: float
-    ce_weight: float
-    kd_weight: float
-    vocab_size: int
-
-
 def _raw_logits(hidden_rows: torch.Tensor, head: OutputHead, vocab_size: int) -> torch.Tensor:
     """``hidden @ weightᵀ + bias`` over the first `vocab_size` rows, in the weight's dtype. (n, H) -> (n, V)."""
     weight = head.weight[:vocab_size]  # (V, H) a view: padding rows are never touched
@@ -99,15 +86,14 @@ def _raw_logits(hidden_rows: torch.Tensor, head: OutputHead, vocab_size: int) ->
     return F.linear(hidden_rows.to(weight.dtype), weight, bias)
 
 
-def _closed_form_direction(obj: _Objective, dense_teacher: bool) -> str | None:
+def _closed_form_direction(obj: Objective, dense_teacher: bool) -> str | None:
     """ "forward_kl" or "reverse_kl" when the objective is that KL (ends of jsd/skew included) on a dense teacher,
     or no teacher at all (cross-entropy only); None when the generic autograd path is needed."""
     if not dense_teacher:
         return "forward_kl"  # the divergence term is absent; only the cross-entropy gradient is formed
-    d, beta, skew = obj.divergence, obj.beta, obj.skew
-    if d == "forward_kl" or (d == "jsd" and beta == 0.0) or (d == "skew_forward_kl" and skew == 0.0):
+    if obj.is_forward_kl:
         return "forward_kl"
-    if d == "reverse_kl" or (d == "jsd" and beta == 1.0) or (d == "skew_reverse_kl" and skew == 0.0):
+    if obj.is_reverse_kl:
         return "reverse_kl"
     return None
 
@@ -116,7 +102,7 @@ def _closed_form_chunk(
     logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    obj: _Objective,
+    obj: Objective,
     direction: str,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -174,7 +160,7 @@ def _generic_chunk(
     teacher_logits: torch.Tensor | None,
     targets: SparseTargets | None,
     labels: torch.Tensor,
-    obj: _Objective,
+    obj: Objective,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sums of divergence × τ² and cross-entropy over a chunk, and d(weighted sum)/d(logits) by autograd."""
@@ -201,7 +187,7 @@ def _chunk_objective(
     teacher_logits: torch.Tensor | None,
     targets: SparseTargets | None,
     labels: torch.Tensor,
-    obj: _Objective,
+    obj: Objective,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sums of divergence × τ² and cross-entropy over a chunk of counted tokens, and d(weighted sum)/d(raw).
@@ -214,7 +200,7 @@ def _chunk_objective(
         raw = raw.detach().requires_grad_(need_grad and post)
         logits = head.finish(raw)  # (n, V)
     direction = None if targets is not None else _closed_form_direction(obj, teacher_logits is not None)
-    if targets is not None and is_forward_kl(obj.divergence, obj.beta, obj.skew):
+    if targets is not None and obj.is_forward_kl:
         # Closed form against sparse targets: no autograd, and one log-softmax for the divergence and the
         # reported cross-entropy (`sparse.sparse_forward_kl_chunk`).
         kd, ce, grad = sparse_forward_kl_chunk(
@@ -236,7 +222,8 @@ def _fused_forward(
     teacher_hidden: torch.Tensor | None,
     teacher_head: OutputHead | None,
     targets: SparseTargets | None,
-    obj: _Objective,
+    obj: Objective,
+    vocab: int,
     rows: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -244,7 +231,6 @@ def _fused_forward(
     (kd_weight · kd_sum + ce_weight · ce_sum) w.r.t. hidden (N, H), weight (V_model, H), bias (V_model,)."""
     need_h, need_w, need_b = needs
     need_grad = need_h or need_w or need_b
-    vocab = obj.vocab_size
     # One host sync per call: the chunk boundaries must be known on the host, and dropping uncounted tokens
     # (padding, prompts) saves their whole (n, V) cost.
     index = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
@@ -297,10 +283,23 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, normalizer, head, labels, teacher_hidden, teacher_head, targets, obj, rows, needs
+        ctx,
+        hidden,
+        weight,
+        bias,
+        normalizer,
+        head,
+        labels,
+        teacher_hidden,
+        teacher_head,
+        targets,
+        obj,
+        vocab,
+        rows,
+        needs,
     ):
         kd_sum, ce_sum, grad_h, grad_w, grad_b = _fused_forward(
-            hidden, head, labels, teacher_hidden, teacher_head, targets, obj, rows, needs
+            hidden, head, labels, teacher_hidden, teacher_head, targets, obj, vocab, rows, needs
         )
         inv = 1.0 / normalizer
         loss = (obj.kd_weight * kd_sum + obj.ce_weight * ce_sum) * inv
@@ -319,7 +318,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scaled = [g * grad_loss.to(g.dtype) if g is not None else None for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, None, None, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_loss_sums(
@@ -356,7 +355,7 @@ def fused_loss_sums(
     number of loss tokens in the global batch; it is clamped to at least 1. `chunk_rows` overrides the chunk size that
     `memory_budget_bytes` would give. The teacher never receives gradients.
     """
-    check_objective(divergence, beta, skew, temperature)
+    obj = Objective(divergence, beta, skew, temperature, kd_weight, ce_weight)  # checks its arguments
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("teacher_hidden and teacher_head go together")
     if teacher_hidden is not None and sparse is not None:
@@ -376,7 +375,6 @@ def fused_loss_sums(
     vocab = min(rows_available) if vocab_size is None else vocab_size
     if vocab > min(rows_available):
         raise ValueError(f"vocab_size {vocab} exceeds an output head's {min(rows_available)} rows")
-    obj = _Objective(divergence, beta, skew, temperature, ce_weight, kd_weight, vocab)
     if chunk_rows is None:
         kind = "sparse" if sparse is not None else divergence if t_hidden is not None else "none"
         chunk_rows = chunk_rows_for(vocab, memory_budget_bytes, kind)
@@ -413,6 +411,7 @@ def fused_loss_sums(
         teacher_head,
         sparse,
         obj,
+        vocab,
         chunk_rows,
         needs,
     )

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.losses.dense import IGNORE_INDEX, LOG_PROB_FLOOR, divergence_from_log_probs, log_probs, token_cross_entropy
+from distill.losses.objective import Objective
 
 TAILS = ("bucket", "uniform")
 _NEG_INF = float("-inf")
@@ -291,15 +292,6 @@ def log_probs_unfloored(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.log_softmax(scaled, dim=-1)
 
 
-def is_forward_kl(divergence: str, beta: float, skew: float) -> bool:
-    """Whether the objective is forward KL (jsd β = 0 and skew_forward_kl α = 0 are)."""
-    return (
-        divergence == "forward_kl"
-        or (divergence == "jsd" and beta == 0.0)
-        or (divergence == "skew_forward_kl" and skew == 0.0)
-    )
-
-
 def sparse_token_divergence(
     student_logits: torch.Tensor,
     targets: SparseTargets,
@@ -321,7 +313,7 @@ def sparse_token_divergence(
     with torch.no_grad():
         teacher, used, others = _teacher_buckets(targets, temperature, vocab)  # (N, k+1), (N, k), (N,)
         safe_ids = targets.ids.clamp(0, vocab - 1)  # (N, k) unused slots point anywhere; they are masked below
-    if is_forward_kl(divergence, beta, skew):
+    if Objective(divergence, beta, skew, temperature).is_forward_kl:
         return _ForwardKL.apply(logits, teacher, safe_ids, used, others, temperature, uniform)
     with torch.no_grad():
         in_ids = _in_ids(logits.shape, safe_ids, used)  # (N, V)

@@ -13,9 +13,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from distill.config import Recipe
+from distill.config import ObjectiveConfig, Recipe
 from distill.data import collate, forward_inputs, step_example_indices
 from distill.losses.dense import IGNORE_INDEX
+from distill.losses.objective import Objective
 from distill.models import Models
 from distill.train.parallel import clip_gradients, gathered_for_inference, no_gradient_sync
 
@@ -30,10 +31,11 @@ class StudentLoss(nn.Module):
     head set at construction (fused path), `sparse` targets (a cache), or none (hard labels only).
     """
 
-    def __init__(self, student: nn.Module, objective, vocab_size: int, teacher_head=None):
+    def __init__(self, student: nn.Module, objective: ObjectiveConfig, vocab_size: int, teacher_head=None):
         super().__init__()
         self.student = student
-        self.objective = objective
+        self.objective = Objective.from_config(objective)
+        self.fused = objective.fused
         self.vocab_size = vocab_size
         self.teacher_head = teacher_head  # an OutputHead (plain object, not registered: the teacher is not trained)
 
@@ -47,7 +49,7 @@ class StudentLoss(nn.Module):
         sparse=None,
     ):
         o = self.objective
-        if o.fused:
+        if self.fused:
             return self._fused(inputs, labels, normalizer, teacher_hidden, sparse)
         logits = self.student(**inputs).logits
         logits = logits[:, :-1, : self.vocab_size]  # (B, T-1, V): output i predicts token i+1
@@ -58,15 +60,12 @@ class StudentLoss(nn.Module):
                 logits.reshape(-1, logits.shape[-1]),  # (B·(T-1), V)
                 sparse,
                 labels.reshape(-1),  # (B·(T-1),)
-                o.divergence,
-                o.beta,
-                o.skew,
-                o.temperature,
+                **o.divergence_args,
             )
         else:
             from distill.losses.dense import loss_sums
 
-            kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, o.divergence, o.beta, o.skew, o.temperature)
+            kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, **o.divergence_args)
         loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
         return loss, kd_sum.detach(), ce_sum.detach()
 
@@ -84,10 +83,7 @@ class StudentLoss(nn.Module):
             teacher_head=self.teacher_head if teacher_hidden is not None else None,
             sparse=sparse,
             vocab_size=self.vocab_size,
-            divergence=o.divergence,
-            beta=o.beta,
-            skew=o.skew,
-            temperature=o.temperature,
+            **o.divergence_args,
             ce_weight=o.ce_weight,
             kd_weight=o.kd_weight,
             normalizer=normalizer,
