@@ -156,7 +156,7 @@ def test_prompt_and_completion_are_tokenized_separately(tokenizer):
     ids, mask = encode_row({"prompt": prompt, "completion": completion}, tokenizer)
     n = len(tokenizer(prompt)["input_ids"])
     # The prompt's tokens are exactly those `distill generate` and a server feed the model for that prompt.
-    from distill.generate.run import Prompt, encode_prompt
+    from distill.generate.prompts import Prompt, encode_prompt
 
     assert ids[:n] == encode_prompt(tokenizer, Prompt(0, prompt=prompt))
     assert ids == separate + [tokenizer.eos_token_id] and mask == [False] * n + [True] * (len(ids) - n)
@@ -284,7 +284,8 @@ def test_chat_completions_of_a_server_build_a_generated_cache_and_train(tmp_path
 
 
 def test_local_rows_name_the_stop_string_they_stopped_at(tokenizer):
-    from distill.generate.run import Completion, _stop_reason
+    from distill.generate.local import Completion
+    from distill.generate.run import _stop_reason
 
     eos = tokenizer.eos_token_id
     ids = _ids(tokenizer, "hello world")

@@ -18,7 +18,10 @@ from distill.cli import main
 from distill.config import recipe_from_dict
 from distill.data import build_examples
 from distill.errors import DistillError
-from distill.generate.run import PartialFile, _finish, encode_prompt, generate, read_prompts, sample_completions
+from distill.generate.local import _finish, sample_completions
+from distill.generate.partial import PartialFile
+from distill.generate.prompts import encode_prompt, read_prompts
+from distill.generate.run import generate
 from distill.models import load_model, load_tokenizer
 from helpers import write_recipe
 

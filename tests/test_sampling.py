@@ -18,8 +18,8 @@ import torch
 from conftest import CORPUS, llama_config, save_model, write_jsonl
 from distill.config import recipe_from_dict
 from distill.data import Example, pad_id_of
+from distill.generate.local import sample_completions as generate_completions
 from distill.generate.run import generate
-from distill.generate.run import sample_completions as generate_completions
 from distill.models import load_model, new_model_from_config
 from distill.report.generation import exact_match
 from distill.sampling import decode, eos_ids

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from distill.errors import DistillError
-from distill.generate.run import Completion, sample_completions
+from distill.generate.local import Completion, sample_completions
 
 PRODUCTION_NOTE = "a reference server, one request at a time: for production, point teacher.endpoint at vLLM or SGLang"
 
