@@ -267,6 +267,7 @@ def _own_sample_reverse_kl(model_dir, teacher_dir, tokenizer, pc_file) -> float:
     return total / count
 
 
+@pytest.mark.slow  # about 20 s: a learning curve, not a unit
 def test_training_on_own_samples_lowers_reverse_kl_on_own_samples(
     tmp_path, tokenizer, teacher_dir, student_dir, pc_file
 ):
