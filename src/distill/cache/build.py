@@ -60,6 +60,7 @@ from distill.data import Example, collate, data_fingerprint, forward_inputs, loa
 from distill.errors import DistillError
 from distill.losses.dense import IGNORE_INDEX
 from distill.losses.sparse import tail_half_mass
+from distill.models import pick_device
 
 _NEG_INF = float("-inf")
 
@@ -250,12 +251,6 @@ def _shard_arrays(teacher, examples: Sequence[Example], plan: dict, index: int, 
     return arrays
 
 
-def _pick_device(recipe, local_rank: int) -> torch.device:
-    if recipe.training.device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 class _Ranks:
     """The processes building one cache together: this one alone, or those of `torchrun` / `accelerate launch`.
 
@@ -377,7 +372,7 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
         log(f"cache: {len(examples)} examples, {plan['data']['loss_tokens']} loss tokens from {recipe.data.train}")
         _write_generated_shards(recipe, tokenizer, examples, plan, mine, root, log if show_progress else None)
     elif mine:
-        device = _pick_device(recipe, ranks.local_rank)
+        device = pick_device(recipe.training.device, "recipe key training.device", ranks.local_rank)
         teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
         teacher.eval().requires_grad_(False).to(device)
         check_vocabulary(tokenizer, teacher, None)

@@ -29,13 +29,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-import torch
-
 from distill.errors import DistillError
 from distill.generate.endpoint import EndpointTeacher
 from distill.generate.local import Completion, derived_seed, local_plan, sample_completions
 from distill.generate.partial import PartialFile
 from distill.generate.prompts import Prompt, encode_prompt, prompts_fingerprint, read_prompts
+from distill.models import pick_device
 from distill.sampling import eos_ids
 
 
@@ -96,7 +95,7 @@ def _generate_local(recipe, prompts, settings, output, log, show_progress) -> Pa
     from distill.models import load_config, load_model, load_tokenizer, max_context, resolve_dtype
 
     g, t = recipe.generate, recipe.teacher
-    device = torch.device("cuda" if recipe.training.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(recipe.training.device, "recipe key training.device")
     dtype = resolve_dtype(t.dtype, device)
     settings = {**settings, "teacher": t.path, "dtype": str(dtype).removeprefix("torch."), "batch_size": g.batch_size}
     # The teacher writes with its own tokenizer; the student must share it to learn from the ids anyway.

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill.errors import DistillError
 from distill.generate.local import Completion, sample_completions
+from distill.models import pick_device
 
 PRODUCTION_NOTE = "a reference server, one request at a time: for production, point teacher.endpoint at vLLM or SGLang"
 
@@ -367,7 +368,7 @@ def load_served_model(model_dir: str, name: str | None = None, dtype: str = "aut
 
     from distill.models import load_model, load_tokenizer, resolve_dtype
 
-    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    where = pick_device(device, "--device")
     tokenizer = load_tokenizer(model_dir, "model")
     model = load_model(model_dir, "model", resolve_dtype(dtype, where)).eval().requires_grad_(False).to(where)
     if model.get_output_embeddings().weight.shape[0] < len(tokenizer):

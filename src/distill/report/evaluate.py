@@ -29,6 +29,7 @@ from distill.models import (
     load_model,
     load_tokenizer,
     max_context,
+    pick_device,
     resolve_dtype,
 )
 from distill.report.generation import exact_match, read_generation_rows
@@ -195,7 +196,7 @@ def _model_specs(
     teacher_dir: str | dict, models: dict[str, str | dict], dtype: str, device: str | None
 ) -> tuple[ModelSpec, list[ModelSpec]]:
     """The teacher's and every model's spec, each model's dtype and device defaulting to the shared ones."""
-    default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_device = str(pick_device(device, "--device"))
     teacher_spec = _spec("teacher", teacher_dir, dtype, default_device)
     specs = []
     for name, value in models.items():
@@ -257,12 +258,7 @@ def _eval_data(
 
 def _load(spec: ModelSpec):
     """The model of `spec` in eval mode, frozen, on its device and in its dtype."""
-    try:
-        dev = torch.device(spec.device)
-    except RuntimeError:
-        raise DistillError(f"{spec.name} device {spec.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DistillError(f"{spec.name} device {spec.device!r}: CUDA is not available here")
+    dev = pick_device(spec.device, f"{spec.name} device")
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise DistillError(f"{spec.name} dtype {spec.dtype!r}: choose auto, {', '.join(DTYPES)}")
     model = load_model(spec.path, spec.name, resolve_dtype(spec.dtype, dev))

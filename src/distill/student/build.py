@@ -22,13 +22,12 @@ import torch
 
 from distill.atomic import fresh_tmp_folder, replace_folder, write_json
 from distill.errors import DistillError
+from distill.models import DTYPES, pick_device
 from distill.student.architecture import EMBED_SCALED
 from distill.student.depth import CalibrationKL, search_layers
 from distill.student.importance import activation_importance, weight_importance
 from distill.student.slicing import layers_by_influence, rescale_for_hidden, select, slice_state
 from distill.student.target import Shape, Spec, config_diff, solve_shape, student_config, uniform_layers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # How depth pruning picks layers (the recipe's student.from_teacher.layer_selection, `--layer-selection`).
 LAYER_SELECTIONS = ("kl", "influence", "uniform")
@@ -92,7 +91,7 @@ def build_student(
     teacher = _load_teacher(teacher_dir, dtype, trust_remote_code)
     search = None
     if calibration is not None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(device, "device")
         examples = _calibration_examples(calibration, tokenizer, calibration_max_length)
         with _measuring_dtype(teacher.to(device)):
             importance = activation_importance(teacher, examples, max_calibration_tokens, spec.head_dim)
