@@ -29,7 +29,7 @@ from distill.config import recipe_from_dict
 from distill.data import collate, load_data, pad_id_of
 from distill.errors import DistillError
 from distill.losses.dense import loss_sums
-from distill.losses.sparse import sparse_loss_sums, top_k_targets
+from distill.losses.sparse import _teacher_buckets, sparse_loss_sums, top_k_targets
 from distill.models import load_model, load_tokenizer
 from distill.train.loop import train
 from helpers import QUIET
@@ -165,12 +165,13 @@ def test_sampled_weights_are_counts_at_tau_1_and_reweighted_at_tau():
     ids = torch.tensor([[3, 5, 9, 0]])
     counts = torch.tensor([[2, 1, 1, 0]])
     p = torch.tensor([[0.5, 0.3, 0.2, 1.0]])
-    t1 = sampled_targets(ids, counts, p.log(), 1.0)
+    t1 = sampled_targets(ids, counts, p.log())
     assert t1.ids.tolist() == [[3, 5, 9, -1]] and t1.log_rest.item() == float("-inf")
     torch.testing.assert_close(t1.log_probs[0, :3].exp(), torch.tensor([0.5, 0.25, 0.25]))
-    t2 = sampled_targets(ids, counts, p.log(), 2.0)
+    # The reader stores τ = 1; the loss reweights to τ = 2 (its teacher buckets: the ids, then the empty tail).
+    buckets, _, _ = _teacher_buckets(t1, 2.0, 10)  # (1, k+1)
     w = torch.tensor([2 * 0.5**-0.5, 0.3**-0.5, 0.2**-0.5])  # count · p^(1/τ − 1)
-    torch.testing.assert_close((t2.log_probs[0, :3] / 2.0).exp(), w / w.sum())  # sparse.py divides by τ
+    torch.testing.assert_close(buckets[0, :3].exp(), w / w.sum())
 
 
 def test_sampled_representation_is_unbiased_at_tau_1(tmp_path, peaky_teacher_dir, student_dir, train_file):
@@ -440,12 +441,12 @@ def test_packed_ids_and_int4_read_back_within_half_a_step(tmp_path, teacher_dir,
     span = (expected.log_probs[:, 0] - expected.log_probs[:, -1]).unsqueeze(-1)
     assert ((got.log_probs - expected.log_probs).abs() <= span / 30 + 2e-2).all()  # half of 1/15 of the range
 
-    sampled = CacheReader(root, manifest, examples, "sampled", 1.0).example_targets(3)
+    sampled = CacheReader(root, manifest, examples, "sampled").example_targets(3)
     unpacked = recipe_from_dict(
         recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "plain", cache={**cache, "pack_ids": False})
     )
     plain = build_cache(unpacked, **QUIET)
-    same = CacheReader(plain, read_manifest(plain), examples, "sampled", 1.0).example_targets(3)
+    same = CacheReader(plain, read_manifest(plain), examples, "sampled").example_targets(3)
     assert torch.equal(sampled.ids, same.ids)  # the same draws, packed or not
     with pytest.raises(DistillError, match="cache.pack_ids"):
         build_cache(recipe_from_dict(unpacked.model_dump(by_alias=True), {"cache.dir": str(root)}), **QUIET)

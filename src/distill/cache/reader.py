@@ -80,24 +80,21 @@ def verify_cache(root: str | Path, raise_on_problem: bool = True) -> list[str]:
 # ---------------------------------------------------------------- reading for training
 
 
-def sampled_targets(
-    ids: torch.Tensor, counts: torch.Tensor, log_probs: torch.Tensor, temperature: float
-) -> SparseTargets:
-    """Sampled draws -> `SparseTargets` whose coarse distribution at `temperature` is the sample estimate.
+def sampled_targets(ids: torch.Tensor, counts: torch.Tensor, log_probs: torch.Tensor) -> SparseTargets:
+    """Sampled draws -> `SparseTargets` holding the sample estimate at τ = 1 and the draws' log-probabilities.
 
     ids, counts, log_probs (n, m): distinct drawn ids, how often each was drawn (0 = unused slot) and the
-    teacher's log-probability at τ = 1. The estimate at τ is w ∝ count · p^(1/τ − 1) (self-normalized
-    importance weights; count/m at τ = 1). `distill.losses.sparse` divides stored log-probs by τ, so τ·log w is
-    stored, and the rest mass is empty: the estimate sums to one by construction.
+    teacher's log-probability at τ = 1. The estimate is count/m; `distill.losses.sparse` reweights it to the
+    objective's temperature (w ∝ count · p^(1/τ − 1), self-normalized importance weights) from `draw_log_probs`.
+    The rest mass is empty: the estimate sums to one by construction.
     """
     used = counts > 0  # (n, m)
-    log_w = counts.float().log() + (1.0 / temperature - 1.0) * log_probs.float()  # (n, m)
-    log_w = torch.where(used, log_w, _NEG_INF)
-    log_w = log_w - log_w.logsumexp(-1, keepdim=True)
-    log_w = torch.where(used, log_w * temperature, _NEG_INF)
+    log_w = torch.where(used, counts.float().log(), _NEG_INF)  # (n, m)
+    log_w = torch.where(used, log_w - log_w.logsumexp(-1, keepdim=True), _NEG_INF)
     ids = torch.where(used, ids.long(), -1)
+    draws = torch.where(used, log_probs.float(), _NEG_INF)  # (n, m)
     # Stored as distinct ids with counts, so no id repeats; the rest is empty, so the tail treatment is moot.
-    return SparseTargets(ids, log_w, torch.full(ids.shape[:1], _NEG_INF), distinct=True)
+    return SparseTargets(ids, log_w, torch.full(ids.shape[:1], _NEG_INF), distinct=True, draw_log_probs=draws)
 
 
 def with_tail_samples(
@@ -107,28 +104,27 @@ def with_tail_samples(
     tail_ids: torch.Tensor,
     tail_counts: torch.Tensor,
     tail_log_probs: torch.Tensor,
-    temperature: float,
 ) -> SparseTargets:
     """Top-k targets whose tail is estimated from draws instead of lumped into one bucket.
 
     ids, log_probs (n, k) and log_rest (n,) as in `SparseTargets`; tail_ids, tail_counts, tail_log_probs (n, m):
     distinct ids drawn m times from the tail alone (p / rest over the other tokens), their counts (0 = unused
-    slot) and their log-probabilities at τ = 1. The estimate of the tail's mass at temperature τ on a drawn
-    id j is (count_j / m) · rest · p_j^(1/τ − 1) (importance weights: exactly count_j/m · rest at τ = 1, an
-    unbiased estimate of p_j, so the forward-KL gradient stays unbiased while the head is exact).
-    `distill.losses.sparse` divides stored log-probs by τ, so τ times the log of that estimate is stored; nothing
-    is left in the rest.
+    slot) and their log-probabilities at τ = 1. The estimate of the tail's mass on a drawn id j is
+    (count_j / m) · rest at τ = 1, an unbiased estimate of p_j, so the forward-KL gradient stays unbiased while the
+    head is exact; `distill.losses.sparse` reweights it to (count_j / m) · rest · p_j^(1/τ − 1) at the objective's
+    temperature (importance weights) from `draw_log_probs`. Nothing is left in the rest.
     """
     used = tail_counts > 0  # (n, m)
     m = tail_counts.shape[-1]
     log_est = (tail_counts.float() / m).log() + log_rest.float().unsqueeze(-1)  # (n, m) at τ = 1
-    log_est = log_est + (1.0 / temperature - 1.0) * tail_log_probs.float()
-    tail_lp = torch.where(used, log_est * temperature, _NEG_INF)  # (n, m)
+    tail_lp = torch.where(used, log_est, _NEG_INF)  # (n, m)
     return SparseTargets(
         torch.cat([ids.long(), torch.where(used, tail_ids.long(), -1)], dim=-1),  # (n, k + m)
         torch.cat([log_probs.float(), tail_lp], dim=-1),  # (n, k + m)
         torch.full_like(log_rest.float(), _NEG_INF),
         distinct=True,  # tail draws are distinct and never among the top-k
+        # The top-k entries are exact (their own log-probs); the draws carry the teacher's.
+        draw_log_probs=torch.cat([log_probs.float(), torch.where(used, tail_log_probs.float(), _NEG_INF)], dim=-1),
     )
 
 
@@ -141,11 +137,11 @@ class CacheReader:
         manifest: dict,
         examples: Sequence[Example],
         representation: str,
-        temperature: float,
         tail: str = "bucket",
     ):
+        # No temperature: targets are the teacher's τ = 1 values; the loss applies the objective's τ.
         self.root, self.manifest, self.examples = root, manifest, examples
-        self.representation, self.temperature, self.tail = representation, temperature, tail
+        self.representation, self.tail = representation, tail
         self._bits = manifest.get("id_bits")
         self._tail_m = manifest.get("tail_samples") if representation == "top_k" else None
         self._firsts = np.array([s["first_example"] for s in manifest["shards"]], dtype=np.int64)
@@ -203,11 +199,10 @@ class CacheReader:
                     torch.from_numpy(rows["tail_ids"].astype(np.int64)),
                     torch.from_numpy(rows["tail_counts"].astype(np.int64)),
                     torch.from_numpy(rows["tail_log_probs"]),
-                    self.temperature,
                 )
             half = torch.from_numpy(rows["log_rest_half"].astype(np.float32)) if "log_rest_half" in rows else None
             return SparseTargets(ids, lp, rest, distinct=True, tail=self.tail, log_rest_half=half)  # ids never repeat
-        return sampled_targets(ids, torch.from_numpy(rows["counts"].astype(np.int64)), lp, self.temperature)
+        return sampled_targets(ids, torch.from_numpy(rows["counts"].astype(np.int64)), lp)
 
     def example_targets(self, example: int) -> SparseTargets:
         """The stored targets of one example's loss tokens, in position order."""
@@ -248,10 +243,14 @@ class CacheReader:
         ids = torch.full((n, self.width), -1, dtype=torch.long).index_copy_(0, where, stored.ids)  # (B·width, s)
         lp = torch.full((n, self.width), _NEG_INF).index_copy_(0, where, stored.log_probs)  # (B·width, s)
         rest = torch.zeros(n).index_copy_(0, where, stored.log_rest)  # (B·width,)
-        half = None
+        half = draws = None
         if stored.log_rest_half is not None:
             half = torch.zeros(n).index_copy_(0, where, stored.log_rest_half)  # (B·width,)
-        targets = SparseTargets(ids, lp, rest, distinct=True, tail=stored.tail, log_rest_half=half)
+        if stored.draw_log_probs is not None:
+            draws = torch.full((n, self.width), _NEG_INF).index_copy_(0, where, stored.draw_log_probs)  # (B·width, s)
+        targets = SparseTargets(
+            ids, lp, rest, distinct=True, tail=stored.tail, log_rest_half=half, draw_log_probs=draws
+        )
         return targets.to(device) if device is not None else targets
 
 
@@ -297,7 +296,7 @@ def open_cache_for_training(
         path = root / shard["file"]
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             raise DistillError(f"{where}: shard {shard['file']} is missing or truncated (run `distill cache verify`)")
-    return CacheReader(root, manifest, examples, choice, recipe.objective.temperature, recipe.cache.tail)
+    return CacheReader(root, manifest, examples, choice, recipe.cache.tail)
 
 
 def cache_tokenizer_dir(root: str | Path) -> Path | None:

@@ -17,6 +17,12 @@ choice). `SparseTargets` holds, for each of N tokens:
 - ``log_rest_half`` (N,) float or None  log Σ √p over the tokens outside the ids: the tail's mass at
                               temperature 2 before normalizing, which lets τ ≠ 1 get the tail's tempered mass
                               right instead of assuming the tail is flat (see below).
+- ``draw_log_probs`` (N, k) float or None  for sampled entries (a cache's draws): the teacher's log-probability
+                              of each id at temperature 1, while ``log_probs`` holds the draws' estimate at τ = 1
+                              (log count/m, times the rest for tail draws). The estimate at τ is the importance
+                              reweighting log_probs + (1/τ − 1)·draw_log_probs, formed here at loss time; an exact
+                              entry has draw_log_probs = log_probs (that sum is then log_probs / τ). None: every
+                              entry is exact.
 
 The teacher at temperature τ. The id buckets are log p_i / τ and the tail bucket is f(1/τ), where
 f(α) = log Σ_tail p_j^α; the k'+1 values are renormalized. f(1) = log_rest is stored, so τ = 1 is exact. For
@@ -78,6 +84,7 @@ class SparseTargets:
     distinct: bool = False  # no id repeats among a row's used slots
     tail: str = "bucket"  # how the rest mass enters the divergence: "bucket" | "uniform"
     log_rest_half: torch.Tensor | None = None  # (N,) log Σ_tail √p, for τ ≠ 1
+    draw_log_probs: torch.Tensor | None = None  # (N, k) τ = 1 log-probs of sampled entries; None = all exact
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 2 or self.ids.shape != self.log_probs.shape or self.log_rest.shape != self.ids.shape[:1]:
@@ -87,6 +94,8 @@ class SparseTargets:
             )
         if self.log_rest_half is not None and self.log_rest_half.shape != self.log_rest.shape:
             raise ValueError(f"log_rest_half needs shape {tuple(self.log_rest.shape)}")
+        if self.draw_log_probs is not None and self.draw_log_probs.shape != self.ids.shape:
+            raise ValueError(f"draw_log_probs needs shape {tuple(self.ids.shape)}")
         if self.tail not in TAILS:
             raise ValueError(f"unknown tail treatment {self.tail!r}; choose one of {', '.join(TAILS)}")
 
@@ -96,8 +105,14 @@ class SparseTargets:
     def _map(self, rows) -> SparseTargets:
         """The same targets with `rows` applied to every per-token tensor."""
         half = rows(self.log_rest_half) if self.log_rest_half is not None else None
+        draws = rows(self.draw_log_probs) if self.draw_log_probs is not None else None
         return dataclasses.replace(
-            self, ids=rows(self.ids), log_probs=rows(self.log_probs), log_rest=rows(self.log_rest), log_rest_half=half
+            self,
+            ids=rows(self.ids),
+            log_probs=rows(self.log_probs),
+            log_rest=rows(self.log_rest),
+            log_rest_half=half,
+            draw_log_probs=draws,
         )
 
     def select(self, index: torch.Tensor) -> SparseTargets:
@@ -113,6 +128,8 @@ class SparseTargets:
         as id -1 / -inf, and `distinct` set. A no-op when `distinct` is already set."""
         if self.distinct:
             return self
+        if self.draw_log_probs is not None:  # sample estimates cannot be added like probabilities
+            raise ValueError("sampled targets (draw_log_probs) must be distinct")
         ids, lp = self.ids, self.log_probs.float()
         used = (ids >= 0) & (lp > _NEG_INF)  # (n, k)
         same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & used.unsqueeze(-1) & used.unsqueeze(-2)  # (n, k, k)
@@ -165,7 +182,13 @@ def _teacher_buckets(
     """
     lp = targets.log_probs.float()  # (n, k)
     used = (targets.ids >= 0) & (lp > _NEG_INF)  # (n, k)
-    id_buckets = torch.where(used, lp / temperature, _NEG_INF)  # (n, k)
+    if temperature == 1.0:
+        tempered = lp  # sample estimates and exact entries alike are the τ = 1 values
+    elif targets.draw_log_probs is None:
+        tempered = lp / temperature
+    else:  # importance weights of draws at τ: estimate · p^(1/τ − 1) (exact entries: p^(1/τ))
+        tempered = lp + (1.0 / temperature - 1.0) * targets.draw_log_probs.float()
+    id_buckets = torch.where(used, tempered, _NEG_INF)  # (n, k)
     others = vocab_size - used.sum(-1)  # (n,) tokens outside the ids
     log_rest = targets.log_rest.float()  # (n,)
     if temperature == 1.0:
