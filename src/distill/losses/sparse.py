@@ -24,7 +24,8 @@ choice). `SparseTargets` holds, for each of N tokens:
                               entry has draw_log_probs = log_probs (that sum is then log_probs / τ). None: every
                               entry is exact.
 
-The teacher at temperature τ. The id buckets are log p_i / τ and the tail bucket is f(1/τ), where
+The teacher at temperature τ, applied here (targets always hold τ = 1 values). The id buckets are log p_i / τ
+(sampled entries: their estimate reweighted by p_i^(1/τ − 1)) and the tail bucket is f(1/τ), where
 f(α) = log Σ_tail p_j^α; the k'+1 values are renormalized. f(1) = log_rest is stored, so τ = 1 is exact. For
 τ ≠ 1, f is convex in α with f(0) = log(V − k') (k' = number of distinct used ids; every other token counted):
 
