@@ -9,7 +9,6 @@ prompts, and refuses a partial file made with other prompts or sampling settings
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -116,13 +115,7 @@ class PartialFile:
                 continue
             seen.add(key)
             kept.append(r)
-        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in kept:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
+        atomic.write_text(output, (json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         self.path.unlink(missing_ok=True)
         self.meta.unlink(missing_ok=True)
         return len(kept), len(rows) - len(kept)

@@ -12,7 +12,6 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 from distill import atomic
@@ -305,12 +304,6 @@ def training_curves(events: list[dict]) -> bytes | None:
 # ---------------------------------------------------------------- writers
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _json_safe(value):
     """NaN and infinity are not JSON; report them as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -452,7 +445,7 @@ def write_report(report: dict, out_dir: str | Path, metrics_path: str | Path | N
             pictures.append((CURVES_PNG, "Training curves", curves_png))
     written = {}
     for file, _, png in pictures:
-        _write_bytes(out / file, png)
+        atomic.write_bytes(out / file, png)
         written[file] = out / file
     atomic.write_text(out / "report.json", json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     atomic.write_text(out / "report.md", render_markdown(report, [(f, c) for f, c, _ in pictures]))
