@@ -229,7 +229,31 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _return_large_frees_to_the_system() -> None:
+    """Serve allocations of 8 MiB and more with their own mappings, returned to the OS when freed (glibc only).
+
+    glibc raises its mmap threshold after each large free, up to 32 MiB, so the chunk buffers of the fused loss and
+    of chunked evaluation (tens of MB each) end up on the heap, where small tensors that outlive a chunk pin the
+    holes: measured, a whole run's RSS grew ~100 MB per chunk (5.5 GB against training's 1.3 GB) and stayed at
+    1.0 GB with a fixed threshold. A fixed threshold switches that adjustment off. DISTILL_MALLOC_MMAP_THRESHOLD
+    (bytes) overrides it; 0 leaves the allocator alone. Set only by the command line: a library imported into
+    someone else's process does not change its allocator.
+    """
+    import ctypes
+    import sys
+
+    threshold = int(os.environ.get("DISTILL_MALLOC_MMAP_THRESHOLD", 8 << 20))
+    if threshold <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, ...): nothing to tune
+
+
 def main(argv: list[str] | None = None) -> int:
+    _return_large_frees_to_the_system()
     # Quiet the libraries' own chatter; our messages say what matters.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
