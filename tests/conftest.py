@@ -43,8 +43,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer with bos/eos/pad and a chat template, trained on CORPUS."""
+def train_tokenizer(
+    vocab_size: int = 320,
+    specials: tuple[str, ...] = ("<|pad|>", "<|bos|>", "<|eos|>"),
+    chat_template: str = CHAT_TEMPLATE,
+    **named_specials: str,
+):
+    """A byte-level BPE tokenizer trained on CORPUS with `specials` (ids 0, 1, ... in order) and a chat template.
+
+    `named_specials` (bos_token=, eos_token=, pad_token=) say which special is which; default: this file's
+    <|bos|>, <|eos|>, <|pad|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,12 +61,13 @@ def train_tokenizer(vocab_size: int = 320):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
-    fast.chat_template = CHAT_TEMPLATE
+    names = named_specials or {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    fast.chat_template = chat_template
     return fast
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import CORPUS, save_model, write_jsonl
+from conftest import save_model, train_tokenizer, write_jsonl
 from distill.data import build_examples, encode_row, end_ids
 from distill.errors import DistillError
 
@@ -20,21 +20,13 @@ CHATML = (
 
 def train_chatml_tokenizer(vocab_size: int = 300):
     """A byte-level BPE tokenizer with ChatML specials (eos `<|im_end|>`, as instruct models have it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    return train_tokenizer(
+        vocab_size,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        CHATML,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    return fast
 
 
 @pytest.fixture(scope="module")

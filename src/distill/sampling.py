@@ -24,16 +24,20 @@ def stable_hash(*parts: object, bits: int = 63) -> int:
     return int.from_bytes(digest[:8], "little") >> (64 - bits)
 
 
+def eos_set(*values) -> set[int]:
+    """The ids named by EOS settings: each value an id, a list of ids (generation configs), or None."""
+    ids: set[int] = set()
+    for value in values:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool):
+                ids.add(int(v))
+    return ids
+
+
 def eos_ids(model, tokenizer) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS and those of the model's generation config, sorted."""
-    ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, configured):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value if isinstance(v, int))
-    return sorted(ids)
+    return sorted(eos_set(tokenizer.eos_token_id, configured))
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

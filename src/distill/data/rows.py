@@ -10,6 +10,8 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from distill.sampling import eos_set
+
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -26,17 +28,15 @@ def end_ids(tokenizer) -> frozenset[int]:
     """
     if tokenizer in _END_IDS:  # read once per tokenizer, not once per row
         return _END_IDS[tokenizer]
-    ids = {tokenizer.eos_token_id} if isinstance(tokenizer.eos_token_id, int) else set()
+    configured = None
     folder = Path(str(getattr(tokenizer, "name_or_path", "") or "")).expanduser()
     config = folder / "generation_config.json"
     if folder.is_dir() and config.is_file():
         try:
-            value = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+            configured = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
         except (OSError, ValueError, AttributeError):
-            value = None  # an unreadable generation config adds nothing; the model loader reports it
-        values = value if isinstance(value, list) else [value]
-        ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
-    _END_IDS[tokenizer] = frozenset(ids)
+            configured = None  # an unreadable generation config adds nothing; the model loader reports it
+    _END_IDS[tokenizer] = frozenset(eos_set(tokenizer.eos_token_id, configured))
     return _END_IDS[tokenizer]
 
 
