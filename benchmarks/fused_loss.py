@@ -38,6 +38,7 @@ def worker(args: argparse.Namespace) -> dict:
     from distill.losses.dense import loss_sums
     from distill.losses.fused import chunk_rows_for, fused_loss_sums
     from distill.losses.heads import OutputHead
+    from distill.losses.objective import Objective
 
     torch.manual_seed(0)
     n, v, h = args.n, args.v, args.h
@@ -54,7 +55,7 @@ def worker(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             parts = [top_k_targets(rows @ teacher_weight.t(), 32) for rows in teacher_hidden.split(64)]
         sparse = SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "log_probs", "log_rest")))
-    objective = dict(divergence=args.divergence, beta=0.5, skew=0.1, temperature=args.temperature)
+    objective = Objective(args.divergence, beta=0.5, skew=0.1, temperature=args.temperature, ce_weight=args.ce_weight)
 
     def step() -> None:
         hidden.grad = None
@@ -66,10 +67,10 @@ def worker(args: argparse.Namespace) -> dict:
             if sparse is not None:
                 from distill.losses.sparse import sparse_loss_sums
 
-                kd, ce = sparse_loss_sums(logits, sparse, labels, **objective)
+                kd, ce = sparse_loss_sums(logits, sparse, labels, objective)
             else:
-                kd, ce = loss_sums(logits, teacher_logits, labels, **objective)
-            loss = (kd + args.ce_weight * ce) / n
+                kd, ce = loss_sums(logits, teacher_logits, labels, objective)
+            loss = (objective.kd_weight * kd + objective.ce_weight * ce) / n
         else:
             teacher = (
                 {}
@@ -80,12 +81,11 @@ def worker(args: argparse.Namespace) -> dict:
                 hidden,
                 OutputHead(weight),
                 labels,
+                objective=objective,
                 sparse=sparse,
                 **teacher,
-                ce_weight=args.ce_weight,
                 normalizer=n,
                 memory_budget_bytes=args.budget_mib * MIB,
-                **objective,
             )
         loss.backward()
 

@@ -431,6 +431,7 @@ def profile_worker(spec_path: str) -> None:
     from distill.data import build_examples, collate
     from distill.losses.fused import fused_loss_sums
     from distill.losses.heads import backbone_hidden_states, output_head
+    from distill.losses.objective import Objective
     from distill.models import load_tokenizer
 
     tokenizer = load_tokenizer(spec["teacher"], "teacher", False)
@@ -440,7 +441,7 @@ def profile_worker(spec_path: str) -> None:
     labels = batch["labels"]  # (B, T-1)
     vocab = len(tokenizer)
     normalizer = float((labels != -100).sum())
-    o = ObjectiveConfig(divergence="forward_kl")
+    objective = Objective.from_config(ObjectiveConfig(divergence="forward_kl"))
 
     def load(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -461,10 +462,10 @@ def profile_worker(spec_path: str) -> None:
                 s_hidden,
                 output_head(student),
                 labels,
+                objective=objective,
                 teacher_hidden=t_hidden,
                 teacher_head=teacher_head,
                 vocab_size=vocab,
-                divergence=o.divergence,
                 normalizer=normalizer,
             )[0],
         )

@@ -29,6 +29,7 @@ from distill.config import recipe_from_dict
 from distill.data import collate, load_data, pad_id_of
 from distill.errors import DistillError
 from distill.losses.dense import loss_sums
+from distill.losses.objective import Objective
 from distill.losses.sparse import _teacher_buckets, sparse_loss_sums, top_k_targets
 from distill.models import load_model, load_tokenizer
 from distill.train.loop import train
@@ -147,16 +148,15 @@ def test_loss_at_temperature_2_matches_online_distillation(tmp_path, peaky_teach
         built = recipe_from_dict(base, {"cache.dir": str(folder), "cache.top_k": k, "cache.precision": precision})
         build_cache(built, **QUIET)
         for tau, tolerance in zip((1.0, 2.0), tolerances, strict=True):
-            online, _ = loss_sums(logits, teacher_logits, labels, "forward_kl", temperature=tau)
+            objective = Objective("forward_kl", temperature=tau)
+            online, _ = loss_sums(logits, teacher_logits, labels, objective)
             reading = recipe_from_dict(base, {"teacher.cache": str(folder), "objective.temperature": tau})
             targets = open_cache_for_training(reading, tokenizer, examples, vocab).targets(indices, labels.shape[1])
             with torch.no_grad():
                 _, fused, _ = fused_loss_sums(
-                    hidden, output_head(student), labels, sparse=targets, vocab_size=vocab, temperature=tau
+                    hidden, output_head(student), labels, objective=objective, sparse=targets, vocab_size=vocab
                 )
-            plain, _ = sparse_loss_sums(
-                logits.reshape(-1, vocab), targets, labels.reshape(-1), "forward_kl", temperature=tau
-            )
+            plain, _ = sparse_loss_sums(logits.reshape(-1, vocab), targets, labels.reshape(-1), objective)
             torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
             assert abs(float(plain) / float(online) - 1) < tolerance, (k, tau, float(plain), float(online))
 
@@ -556,9 +556,10 @@ def test_tail_samples_estimate_the_tail_without_bias(tmp_path, peaky_teacher_dir
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     s_logits = s_logits[:, :-1, : len(tokenizer)].reshape(-1, len(tokenizer))[counted]
     dense = logits.reshape(-1, logits.shape[-1])[counted]  # (n, V)
-    online = sparse_loss_sums(s_logits, top_k_targets(dense, dense.shape[-1] - 1), labels[counted])  # k = V − 1
-    sampled = sparse_loss_sums(s_logits, targets, labels[counted])
-    bucket = sparse_loss_sums(s_logits, top, labels[counted])
+    fkl = Objective()
+    online = sparse_loss_sums(s_logits, top_k_targets(dense, dense.shape[-1] - 1), labels[counted], fkl)  # k = V − 1
+    sampled = sparse_loss_sums(s_logits, targets, labels[counted], fkl)
+    bucket = sparse_loss_sums(s_logits, top, labels[counted], fkl)
     assert abs(float(sampled[0]) / float(online[0]) - 1) < abs(float(bucket[0]) / float(online[0]) - 1)
 
 

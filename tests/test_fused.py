@@ -9,6 +9,7 @@ from conftest import llama_config, qwen2_config
 from distill.losses.dense import loss_sums
 from distill.losses.fused import chunk_rows_for, fused_loss_sums
 from distill.losses.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
+from distill.losses.objective import Objective
 from distill.losses.sparse import sparse_loss_sums, top_k_targets
 
 OBJECTIVES = [
@@ -22,6 +23,7 @@ OBJECTIVES = [
     ("tvd", 0.5, 0.1),
 ]
 TOL = 1e-5
+FORWARD_KL = Objective()  # forward KL at τ = 1, kd_weight 1, no cross-entropy term
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,18 +51,40 @@ def _problem(
     return hidden, student, labels, t_hidden, teacher
 
 
-def _dense(hidden, student, labels, vocab, teacher_hidden=None, teacher=None, sparse=None, **objective):
+def _dense(
+    hidden,
+    student,
+    labels,
+    vocab,
+    teacher_hidden=None,
+    teacher=None,
+    sparse=None,
+    objective=FORWARD_KL,
+    normalizer=1.0,
+    vocab_size=None,
+):
     """Reference: full logits, the shared loss definitions, plain autograd."""
-    ce_weight = objective.pop("ce_weight", 0.0)
-    kd_weight = objective.pop("kd_weight", 1.0)
-    normalizer = objective.pop("normalizer", 1.0)
     logits = student.logits(hidden)[..., :vocab]  # (N, vocab)
     if sparse is not None:
-        kd, ce = sparse_loss_sums(logits, sparse, labels, **objective)
+        kd, ce = sparse_loss_sums(logits, sparse, labels, objective, vocab_size=vocab_size)
     else:
         teacher_logits = teacher.logits(teacher_hidden)[..., :vocab] if teacher is not None else None  # (N, vocab)
-        kd, ce = loss_sums(logits, teacher_logits, labels, **objective)
-    return (kd_weight * kd + ce_weight * ce) / normalizer, kd, ce
+        kd, ce = loss_sums(logits, teacher_logits, labels, objective)
+    return (objective.kd_weight * kd + objective.ce_weight * ce) / normalizer, kd, ce
+
+
+def _fused(hidden, student, labels, objective, t_hidden=None, teacher=None, **kwargs):
+    """`fused_loss_sums` on a `_problem` (vocabulary 50), with its teacher when one is given."""
+    return fused_loss_sums(
+        hidden,
+        student,
+        labels,
+        objective=objective,
+        teacher_hidden=t_hidden,
+        teacher_head=teacher,
+        vocab_size=50,
+        **kwargs,
+    )
 
 
 def _params(hidden, head):
@@ -86,11 +110,9 @@ def test_every_objective_matches_dense(divergence, beta, skew):
     # Everything at once: temperature ≠ 1, hard-label term, masked chunks, N not a multiple of the chunk,
     # padded vocabularies of different sizes, bias, logit scale and softcap on different sides.
     hidden, student, labels, t_hidden, teacher = _problem()
-    objective = dict(divergence=divergence, beta=beta, skew=skew, temperature=2.0, ce_weight=0.3, normalizer=7.0)
-    fused = fused_loss_sums(
-        hidden, student, labels, teacher_hidden=t_hidden, teacher_head=teacher, vocab_size=50, chunk_rows=8, **objective
-    )
-    dense = _dense(hidden, student, labels, 50, t_hidden, teacher, **objective)
+    objective = Objective(divergence, beta, skew, temperature=2.0, ce_weight=0.3)
+    fused = _fused(hidden, student, labels, objective, t_hidden, teacher, chunk_rows=8, normalizer=7.0)
+    dense = _dense(hidden, student, labels, 50, t_hidden, teacher, objective=objective, normalizer=7.0)
     _check(fused, dense, _params(hidden, student))
     assert dense[1].item() > 0.01  # the comparison is not between two zeros
 
@@ -100,17 +122,17 @@ def test_every_objective_matches_dense(divergence, beta, skew):
 def test_plain_head_temperature_one(divergence, beta, skew, ce_weight):
     # τ = 1 and no scale/softcap/bias: the closed-form path reuses the student's log-probs for the cross-entropy.
     hidden, student, labels, t_hidden, teacher = _problem(bias=False, s_post=(1.0, None), t_post=(1.0, None))
-    objective = dict(divergence=divergence, beta=beta, skew=skew, temperature=1.0, ce_weight=ce_weight, kd_weight=0.8)
-    fused = fused_loss_sums(
-        hidden, student, labels, teacher_hidden=t_hidden, teacher_head=teacher, vocab_size=50, chunk_rows=5, **objective
-    )
-    _check(fused, _dense(hidden, student, labels, 50, t_hidden, teacher, **objective), _params(hidden, student))
+    objective = Objective(divergence, beta, skew, temperature=1.0, ce_weight=ce_weight, kd_weight=0.8)
+    fused = _fused(hidden, student, labels, objective, t_hidden, teacher, chunk_rows=5)
+    dense = _dense(hidden, student, labels, 50, t_hidden, teacher, objective=objective)
+    _check(fused, dense, _params(hidden, student))
 
 
 def test_hard_labels_only():
     hidden, student, labels, _, _ = _problem()
-    fused = fused_loss_sums(hidden, student, labels, vocab_size=50, ce_weight=1.0, temperature=3.0, chunk_rows=8)
-    dense = _dense(hidden, student, labels, 50, ce_weight=1.0, temperature=3.0)
+    objective = Objective(temperature=3.0, ce_weight=1.0)
+    fused = _fused(hidden, student, labels, objective, chunk_rows=8)
+    dense = _dense(hidden, student, labels, 50, objective=objective)
     assert fused[1].item() == 0.0
     _check(fused, dense, _params(hidden, student))
 
@@ -119,45 +141,32 @@ def test_hard_labels_only():
 def test_sparse_targets_match_sparse_reference(divergence, beta, skew):
     hidden, student, labels, t_hidden, teacher = _problem()
     targets = top_k_targets(teacher.logits(t_hidden), 6, vocab_size=50)
-    objective = dict(divergence=divergence, beta=beta, skew=skew, temperature=1.5, ce_weight=0.2)
-    fused = fused_loss_sums(hidden, student, labels, sparse=targets, vocab_size=50, chunk_rows=8, **objective)
-    dense = _dense(hidden, student, labels, 50, sparse=targets, vocab_size=50, **objective)
+    objective = Objective(divergence, beta, skew, temperature=1.5, ce_weight=0.2)
+    fused = _fused(hidden, student, labels, objective, sparse=targets, chunk_rows=8)
+    dense = _dense(hidden, student, labels, 50, sparse=targets, objective=objective, vocab_size=50)
     _check(fused, dense, _params(hidden, student))
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, None])
 def test_chunk_size_does_not_change_the_result(chunk_rows):
     hidden, student, labels, t_hidden, teacher = _problem()
-    objective = dict(divergence="jsd", beta=0.3, temperature=1.7, ce_weight=0.1)
-    fused = fused_loss_sums(
-        hidden,
-        student,
-        labels,
-        teacher_hidden=t_hidden,
-        teacher_head=teacher,
-        vocab_size=50,
-        chunk_rows=chunk_rows,
-        memory_budget_bytes=4096,
-        **objective,
+    objective = Objective("jsd", beta=0.3, temperature=1.7, ce_weight=0.1)
+    fused = _fused(
+        hidden, student, labels, objective, t_hidden, teacher, chunk_rows=chunk_rows, memory_budget_bytes=4096
     )
-    _check(fused, _dense(hidden, student, labels, 50, t_hidden, teacher, **objective), _params(hidden, student))
+    dense = _dense(hidden, student, labels, 50, t_hidden, teacher, objective=objective)
+    _check(fused, dense, _params(hidden, student))
 
 
 def test_batched_shapes_and_tensor_normalizer():
     hidden, student, labels, t_hidden, teacher = _problem(n=36)
     hidden3 = hidden.detach().reshape(4, 9, -1).requires_grad_(True)  # (B, T, H)
     normalizer = (labels != -100).sum()
-    fused = fused_loss_sums(
-        hidden3,
-        student,
-        labels.reshape(4, 9),
-        teacher_hidden=t_hidden.reshape(4, 9, -1),
-        teacher_head=teacher,
-        vocab_size=50,
-        normalizer=normalizer,
-        chunk_rows=8,
+    t_hidden3 = t_hidden.reshape(4, 9, -1)
+    fused = _fused(
+        hidden3, student, labels.reshape(4, 9), FORWARD_KL, t_hidden3, teacher, normalizer=normalizer, chunk_rows=8
     )
-    dense = _dense(hidden3, student, labels.reshape(4, 9), 50, t_hidden.reshape(4, 9, -1), teacher, normalizer=20.0)
+    dense = _dense(hidden3, student, labels.reshape(4, 9), 50, t_hidden3, teacher, normalizer=20.0)
     assert normalizer.item() == 20
     _check(fused, dense, _params(hidden3, student))
 
@@ -165,16 +174,9 @@ def test_batched_shapes_and_tensor_normalizer():
 def test_all_tokens_masked_gives_zero_loss_and_gradients():
     hidden, student, labels, t_hidden, teacher = _problem()
     labels = torch.full_like(labels, -100)
-    loss, kd, ce = fused_loss_sums(
-        hidden,
-        student,
-        labels,
-        teacher_hidden=t_hidden,
-        teacher_head=teacher,
-        vocab_size=50,
-        ce_weight=1.0,
-        normalizer=(labels != -100).sum(),  # 0: clamped, so the loss is 0 rather than NaN
-    )
+    objective = Objective(ce_weight=1.0)
+    # normalizer 0: clamped, so the loss is 0 rather than NaN
+    loss, kd, ce = _fused(hidden, student, labels, objective, t_hidden, teacher, normalizer=(labels != -100).sum())
     assert loss.item() == 0.0 and kd.item() == 0.0 and ce.item() == 0.0
     for grad in torch.autograd.grad(loss, _params(hidden, student)):
         assert torch.count_nonzero(grad) == 0
@@ -184,14 +186,12 @@ def test_teacher_gets_no_gradient_and_no_grad_mode_works():
     hidden, student, labels, t_hidden, teacher = _problem()
     t_hidden.requires_grad_(True)
     teacher.weight.requires_grad_(True)
-    loss, _, _ = fused_loss_sums(hidden, student, labels, teacher_hidden=t_hidden, teacher_head=teacher, vocab_size=50)
+    loss, _, _ = _fused(hidden, student, labels, FORWARD_KL, t_hidden, teacher)
     loss.backward()
     assert t_hidden.grad is None and teacher.weight.grad is None
     assert hidden.grad is not None and student.weight.grad is not None
     with torch.no_grad():
-        eval_loss, _, _ = fused_loss_sums(
-            hidden, student, labels, teacher_hidden=t_hidden, teacher_head=teacher, vocab_size=50
-        )
+        eval_loss, _, _ = _fused(hidden, student, labels, FORWARD_KL, t_hidden, teacher)
     assert not eval_loss.requires_grad
     assert eval_loss.item() == pytest.approx(loss.item(), rel=1e-6)
 
@@ -200,7 +200,7 @@ def test_frozen_head_gets_no_gradient():
     hidden, student, labels, t_hidden, teacher = _problem()
     student.weight.requires_grad_(False)
     student.bias.requires_grad_(False)
-    loss, _, _ = fused_loss_sums(hidden, student, labels, teacher_hidden=t_hidden, teacher_head=teacher, vocab_size=50)
+    loss, _, _ = _fused(hidden, student, labels, FORWARD_KL, t_hidden, teacher)
     (grad,) = torch.autograd.grad(loss, [hidden])
     dense = _dense(hidden, student, labels, 50, t_hidden, teacher)
     assert _rel(grad, torch.autograd.grad(dense[0], [hidden])[0]) <= TOL
@@ -215,17 +215,15 @@ def test_bf16_inputs_are_close_to_float32_reference():
     student16 = OutputHead(w16, b16, student.logit_scale, student.softcap)
     teacher16 = OutputHead(teacher.weight.to(**cast), None, teacher.logit_scale, teacher.softcap)
     t16 = t_hidden.to(**cast)
-    objective = dict(divergence="jsd", beta=0.5, temperature=2.0, ce_weight=0.3)
-    loss, _, _ = fused_loss_sums(
-        h16, student16, labels, teacher_hidden=t16, teacher_head=teacher16, vocab_size=50, chunk_rows=8, **objective
-    )
+    objective = Objective("jsd", beta=0.5, temperature=2.0, ce_weight=0.3)
+    loss, _, _ = _fused(h16, student16, labels, objective, t16, teacher16, chunk_rows=8)
     grads = torch.autograd.grad(loss, [h16, w16, b16])
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
     # Reference in float32 on the very same (bf16-representable) values.
     h32, w32, b32 = (x.detach().float().requires_grad_(True) for x in (h16, w16, b16))
     student32 = OutputHead(w32, b32, student.logit_scale, student.softcap)
     teacher32 = OutputHead(teacher16.weight.float(), None, teacher.logit_scale, teacher.softcap)
-    ref_loss = _dense(h32, student32, labels, 50, t16.float(), teacher32, **objective)[0]
+    ref_loss = _dense(h32, student32, labels, 50, t16.float(), teacher32, objective=objective)[0]
     ref_grads = torch.autograd.grad(ref_loss, [h32, w32, b32])
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-2)
     for got, ref in zip(grads, ref_grads, strict=True):
@@ -243,14 +241,19 @@ def test_tied_embeddings_gradient_reaches_shared_weight_once():
     labels[0, :3] = -100
     teacher_logits = torch.randn(2, 8, 40) * 2  # (2, 8, 40)
 
-    ref_kd, ref_ce = loss_sums(model(ids).logits[:, :-1], teacher_logits, labels, "forward_kl")
+    ref_kd, ref_ce = loss_sums(model(ids).logits[:, :-1], teacher_logits, labels, Objective("forward_kl"))
     ref_grads = torch.autograd.grad(ref_kd + 0.5 * ref_ce, list(model.parameters()))
 
     hidden = backbone_hidden_states(model, ids)[:, :-1]  # (2, 8, H)
     # A teacher head that reproduces the fixed teacher logits exactly: identity weight on one-hot "hidden states".
     teacher = OutputHead(torch.eye(40))
     loss, _, _ = fused_loss_sums(
-        hidden, output_head(model), labels, teacher_hidden=teacher_logits, teacher_head=teacher, ce_weight=0.5
+        hidden,
+        output_head(model),
+        labels,
+        objective=Objective(ce_weight=0.5),
+        teacher_hidden=teacher_logits,
+        teacher_head=teacher,
     )
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert len(grads) == len(ref_grads)  # the shared matrix is one parameter
@@ -268,7 +271,7 @@ def test_end_to_end_tiny_llama_teacher_and_qwen2_student():
     mask = torch.ones_like(ids)
     mask[2, 8:] = 0  # right padding
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (3, 10)
-    objective = dict(divergence="skew_reverse_kl", skew=0.1, temperature=1.5, ce_weight=0.2)
+    objective = Objective("skew_reverse_kl", skew=0.1, temperature=1.5, ce_weight=0.2)
     normalizer = (labels != -100).sum()
 
     for model in (teacher_model, student_model):
@@ -283,7 +286,7 @@ def test_end_to_end_tiny_llama_teacher_and_qwen2_student():
         student_model(ids, attention_mask=mask).logits[:, :-1],
         teacher_logits,
         labels,
-        **{k: objective[k] for k in ("divergence", "skew", "temperature")},
+        objective,
     )
     ref_loss = (kd + 0.2 * ce) / normalizer
     ref_grads = torch.autograd.grad(ref_loss, list(student_model.parameters()))
@@ -292,11 +295,11 @@ def test_end_to_end_tiny_llama_teacher_and_qwen2_student():
         backbone_hidden_states(student_model, ids, mask)[:, :-1],
         output_head(student_model),
         labels,
+        objective=objective,
         teacher_hidden=teacher_hidden,
         teacher_head=output_head(teacher_model),
         vocab_size=64,
         normalizer=normalizer,
-        **objective,
     )
     assert loss.item() == pytest.approx(ref_loss.item(), rel=TOL)
     grads = torch.autograd.grad(loss, list(student_model.parameters()))
@@ -349,13 +352,13 @@ def test_chunk_rows_follow_the_budget():
 def test_bad_arguments_are_rejected():
     hidden, student, labels, t_hidden, teacher = _problem()
     with pytest.raises(ValueError, match="go together"):
-        fused_loss_sums(hidden, student, labels, teacher_hidden=t_hidden)
+        fused_loss_sums(hidden, student, labels, objective=Objective(), teacher_hidden=t_hidden)
     with pytest.raises(ValueError, match="labels"):
-        fused_loss_sums(hidden, student, labels[:-1])
+        fused_loss_sums(hidden, student, labels[:-1], objective=Objective())
     with pytest.raises(ValueError, match="exceeds"):
-        fused_loss_sums(hidden, student, labels, vocab_size=54)
+        fused_loss_sums(hidden, student, labels, objective=Objective(), vocab_size=54)
     with pytest.raises(ValueError, match="divergence"):
-        fused_loss_sums(hidden, student, labels, divergence="kl")
+        fused_loss_sums(hidden, student, labels, objective=Objective(divergence="kl"))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -368,7 +371,7 @@ def test_sparse_forward_kl_closed_form_matches_sparse_reference(temperature, tai
 
     hidden, student, labels, t_hidden, teacher = _problem()
     targets = replace(top_k_targets(teacher.logits(t_hidden), 6, vocab_size=50), tail=tail)
-    objective = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
-    fused = fused_loss_sums(hidden, student, labels, sparse=targets, vocab_size=50, chunk_rows=8, **objective)
-    dense = _dense(hidden, student, labels, 50, sparse=targets, vocab_size=50, **objective)
+    objective = Objective(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
+    fused = _fused(hidden, student, labels, objective, sparse=targets, chunk_rows=8)
+    dense = _dense(hidden, student, labels, 50, sparse=targets, objective=objective, vocab_size=50)
     _check(fused, dense, _params(hidden, student))

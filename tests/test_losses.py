@@ -14,6 +14,7 @@ from distill.losses.dense import (
     token_cross_entropy,
     token_divergence,
 )
+from distill.losses.objective import Objective
 
 # Teacher P_t = [1/4, 3/4], student P_s = [1/2, 1/2] at temperature 1.
 TEACHER = torch.tensor([[0.0, math.log(3.0)]])
@@ -195,13 +196,13 @@ def test_shapes_and_sums_agree_with_mean():
     s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     labels = torch.randint(0, 7, (2, 5))
     labels[0, :2] = -100
-    assert token_divergence(s, t).shape == (2, 5)
-    kd_sum, ce_sum = loss_sums(s, t, labels)
+    assert token_divergence(s, t, Objective()).shape == (2, 5)
+    kd_sum, ce_sum = loss_sums(s, t, labels, Objective())
     counted = labels != -100
     torch.testing.assert_close(kd_sum / counted.sum(), distillation_loss(s, t, mask=counted))
     expected = distillation_loss(s, t, mask=counted, labels=labels, ce_weight=1.0)
     torch.testing.assert_close((kd_sum + ce_sum) / counted.sum(), expected)
-    no_teacher_kd, no_teacher_ce = loss_sums(s, None, labels)
+    no_teacher_kd, no_teacher_ce = loss_sums(s, None, labels, Objective())
     assert no_teacher_kd.item() == 0.0 and no_teacher_ce.item() == pytest.approx(ce_sum.item())
 
 

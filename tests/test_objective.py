@@ -15,9 +15,9 @@ def test_forward_and_reverse_kl_rules_match_the_divergences(divergence, beta, sk
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g) * 2  # (N, V)
     o = Objective(divergence, beta, skew, temperature=1.5)
-    value = token_divergence(s, t, **o.divergence_args)  # (N,)
-    forward = token_divergence(s, t, "forward_kl", temperature=1.5)
-    reverse = token_divergence(s, t, "reverse_kl", temperature=1.5)
+    value = token_divergence(s, t, o)  # (N,)
+    forward = token_divergence(s, t, Objective("forward_kl", temperature=1.5))
+    reverse = token_divergence(s, t, Objective("reverse_kl", temperature=1.5))
     # The rule says "forward KL" exactly when the divergence's values are forward KL's (likewise reverse).
     assert o.is_forward_kl == torch.allclose(value, forward, atol=1e-6)
     assert o.is_reverse_kl == torch.allclose(value, reverse, atol=1e-6)

@@ -131,13 +131,19 @@ def test_fused_loss_divides_by_a_normalizer_below_one():
     """Under DDP each rank divides by (global loss tokens) / world size, below 1 with fewer tokens than ranks."""
     from distill.losses.fused import fused_loss_sums
     from distill.losses.heads import OutputHead
+    from distill.losses.objective import Objective
 
     torch.manual_seed(0)
     hidden = torch.randn(1, 3, 8, requires_grad=True)
     head = OutputHead(weight=torch.randn(16, 8))
     labels = torch.tensor([[-100, 5, -100]])
     teacher_hidden = torch.randn(1, 3, 8)
-    common = dict(teacher_hidden=teacher_hidden, teacher_head=OutputHead(weight=torch.randn(16, 8)), vocab_size=16)
+    common = dict(
+        objective=Objective(),
+        teacher_hidden=teacher_hidden,
+        teacher_head=OutputHead(weight=torch.randn(16, 8)),
+        vocab_size=16,
+    )
     loss_half, kd_sum, _ = fused_loss_sums(hidden, head, labels, normalizer=0.5, **common)
     loss_one, _, _ = fused_loss_sums(hidden, head, labels, normalizer=1.0, **common)
     assert torch.allclose(loss_half, 2 * loss_one)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distill.losses.dense import DIVERGENCES, loss_sums
+from distill.losses.objective import Objective
 from distill.losses.sparse import SparseTargets, sparse_loss_sums, sparse_token_divergence, top_k_targets
 
 OBJECTIVES = [
@@ -38,7 +39,7 @@ def test_hand_computed_forward_kl_and_temperature_tail():
     # Teacher p = [0.5, 0.2, 0.2, 0.1] stored as top-1: id 0 with 0.5, rest 0.5. Student uniform over 4 tokens.
     targets = SparseTargets(torch.tensor([[0]]), torch.tensor([[math.log(0.5)]]), torch.tensor([math.log(0.5)]))
     student = torch.zeros(1, 4)
-    kd = sparse_token_divergence(student, targets, "forward_kl")
+    kd = sparse_token_divergence(student, targets, Objective("forward_kl"))
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert kd.shape == (1,)
     assert kd.item() == pytest.approx(expected, rel=1e-6)
@@ -50,7 +51,7 @@ def test_hand_computed_forward_kl_and_temperature_tail():
     z = math.log(math.exp(a) + math.exp(b))
     pt = [math.exp(a - z), math.exp(b - z)]
     expected_tau = tau * tau * (pt[0] * math.log(pt[0] / 0.25) + pt[1] * math.log(pt[1] / 0.75))
-    kd_tau = sparse_token_divergence(student, targets, "forward_kl", temperature=tau)
+    kd_tau = sparse_token_divergence(student, targets, Objective("forward_kl", temperature=tau))
     assert kd_tau.item() == pytest.approx(expected_tau, rel=1e-6)
 
 
@@ -63,8 +64,8 @@ def test_k_equals_v_minus_1_matches_dense(divergence, beta, skew, temperature):
     labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(2))
     labels[3] = -100
     targets = top_k_targets(teacher, v - 1)
-    kd, ce = sparse_loss_sums(student, targets, labels, divergence, beta, skew, temperature)
-    ref_kd, ref_ce = loss_sums(student, teacher, labels, divergence, beta, skew, temperature)
+    kd, ce = sparse_loss_sums(student, targets, labels, Objective(divergence, beta, skew, temperature))
+    ref_kd, ref_ce = loss_sums(student, teacher, labels, Objective(divergence, beta, skew, temperature))
     assert kd.item() == pytest.approx(ref_kd.item(), rel=1e-5)
     assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-6)
     grad = torch.autograd.grad(kd, student)[0]
@@ -84,8 +85,8 @@ def test_teacher_with_exactly_k_tokens_matches_dense(divergence, beta, skew):
     labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(6))
     targets = top_k_targets(teacher, k)
     assert torch.isneginf(targets.log_rest).all()
-    kd, _ = sparse_loss_sums(student, targets, labels, divergence, beta, skew)
-    ref_kd, _ = loss_sums(student, teacher, labels, divergence, beta, skew)
+    kd, _ = sparse_loss_sums(student, targets, labels, Objective(divergence, beta, skew))
+    ref_kd, _ = loss_sums(student, teacher, labels, Objective(divergence, beta, skew))
     assert kd.item() == pytest.approx(ref_kd.item(), rel=1e-5)
     assert _rel(torch.autograd.grad(kd, student)[0], torch.autograd.grad(ref_kd, student)[0]) < 1e-5
 
@@ -93,15 +94,15 @@ def test_teacher_with_exactly_k_tokens_matches_dense(divergence, beta, skew):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_zero_when_student_is_teacher(divergence):
     logits = _logits(6, 30, 7)
-    kd = sparse_token_divergence(logits, top_k_targets(logits, 4), divergence)
+    kd = sparse_token_divergence(logits, top_k_targets(logits, 4), Objective(divergence))
     assert kd.abs().max().item() < 1e-5
 
 
 def test_coarse_graining_lowers_forward_kl():
     student, teacher = _logits(16, 40, 8), _logits(16, 40, 9)
-    dense = loss_sums(student, teacher, torch.zeros(16, dtype=torch.long))[0]
+    dense = loss_sums(student, teacher, torch.zeros(16, dtype=torch.long), Objective())[0]
     for k in (1, 4, 16):
-        sparse = sparse_token_divergence(student, top_k_targets(teacher, k)).sum()
+        sparse = sparse_token_divergence(student, top_k_targets(teacher, k), Objective()).sum()
         assert 0.0 < sparse.item() <= dense.item()
 
 
@@ -109,7 +110,7 @@ def test_coarse_graining_lowers_forward_kl():
 def test_slot_order_padding_and_duplicates_do_not_matter(divergence, beta, skew):
     student, teacher = _logits(5, 25, 10), _logits(5, 25, 11)
     base = top_k_targets(teacher, 4)
-    ref = sparse_token_divergence(student, base, divergence, beta, skew, temperature=1.5)
+    ref = sparse_token_divergence(student, base, Objective(divergence, beta, skew, temperature=1.5))
 
     perm = torch.tensor([2, 0, 3, 1])
     permuted = replace(base, ids=base.ids[:, perm], log_probs=base.log_probs[:, perm])
@@ -126,7 +127,7 @@ def test_slot_order_padding_and_duplicates_do_not_matter(divergence, beta, skew)
         distinct=False,
     )
     for variant in (permuted, padded, split):
-        got = sparse_token_divergence(student, variant, divergence, beta, skew, temperature=1.5)
+        got = sparse_token_divergence(student, variant, Objective(divergence, beta, skew, temperature=1.5))
         assert got.shape == (5,)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
 
@@ -137,8 +138,8 @@ def test_padded_student_vocabulary_is_ignored():
     labels = torch.tensor([0, 5, -100, 17])
     padded = torch.cat([student, torch.full((4, 6), 50.0)], dim=1)  # (4, 24) junk columns with huge logits
     assert torch.allclose(
-        torch.stack(sparse_loss_sums(padded, targets, labels, vocab_size=18)),
-        torch.stack(sparse_loss_sums(student, targets, labels)),
+        torch.stack(sparse_loss_sums(padded, targets, labels, Objective(), vocab_size=18)),
+        torch.stack(sparse_loss_sums(student, targets, labels, Objective())),
     )
 
 
@@ -161,7 +162,7 @@ def test_uninformative_rows_stay_finite_and_masked_rows_count_nothing():
     )
     labels = torch.tensor([4, -100, 3])
     for divergence in DIVERGENCES:
-        kd, _ = sparse_loss_sums(student, targets, labels, divergence)
+        kd, _ = sparse_loss_sums(student, targets, labels, Objective(divergence))
         (grad,) = torch.autograd.grad(kd, student)
         assert torch.isfinite(kd) and torch.isfinite(grad).all()
         assert grad[1].abs().max().item() == 0.0  # the masked row gets no gradient
@@ -188,8 +189,9 @@ def test_uniform_tail_equals_the_dense_loss_of_the_spread_teacher(divergence, be
     # Without log_rest_half the tail is flat at every τ, which is what the dense reference spreads.
     targets = replace(top_k_targets(_logits(n, v, 21, scale=3.0), k), tail="uniform", log_rest_half=None)
     labels = torch.arange(n)
-    kd, _ = sparse_loss_sums(student, targets, labels, divergence, beta, skew, temperature)
-    ref, _ = loss_sums(student, _uniform_tail_dense_logits(targets, v), labels, divergence, beta, skew, temperature)
+    objective = Objective(divergence, beta, skew, temperature)
+    kd, _ = sparse_loss_sums(student, targets, labels, objective)
+    ref, _ = loss_sums(student, _uniform_tail_dense_logits(targets, v), labels, objective)
     assert kd.item() == pytest.approx(ref.item(), rel=1e-5)
     assert _rel(torch.autograd.grad(kd, student)[0], torch.autograd.grad(ref, student)[0]) < 1e-5
 
@@ -200,7 +202,7 @@ def test_forward_kl_closed_form_gradient_matches_autograd_on_buckets(temperature
     n, v, k = 8, 40, 6
     student = _logits(n, v, 22).requires_grad_(True)
     targets = replace(top_k_targets(_logits(n, v, 23, scale=3.0), k), log_rest_half=None)  # flat tail, as below
-    kd = sparse_token_divergence(student, targets, temperature=temperature)
+    kd = sparse_token_divergence(student, targets, Objective(temperature=temperature))
 
     others = torch.ones(n, v, dtype=torch.bool).scatter(-1, targets.ids, False)  # (n, v)
     s_lp = torch.log_softmax(student / temperature, -1)
@@ -214,7 +216,7 @@ def test_forward_kl_closed_form_gradient_matches_autograd_on_buckets(temperature
     assert _rel(grad, ref_grad) < 1e-5
     # jsd at β = 0 and skew_forward_kl at α = 0 are forward KL and take the same path.
     for divergence, beta, skew in (("jsd", 0.0, 0.1), ("skew_forward_kl", 0.5, 0.0)):
-        other = sparse_token_divergence(student, targets, divergence, beta, skew, temperature)
+        other = sparse_token_divergence(student, targets, Objective(divergence, beta, skew, temperature))
         torch.testing.assert_close(other, kd)
 
 
@@ -222,15 +224,17 @@ def test_uniform_tail_adds_the_within_tail_divergence_to_the_bucket_one():
     student, teacher = _logits(10, 50, 24), _logits(10, 50, 25)
     bucket = top_k_targets(teacher, 8)
     uniform = replace(bucket, tail="uniform")
-    coarse = sparse_token_divergence(student, bucket)
-    spread = sparse_token_divergence(student, uniform)
+    coarse = sparse_token_divergence(student, bucket, Objective())
+    spread = sparse_token_divergence(student, uniform, Objective())
     assert (spread >= coarse - 1e-6).all() and (spread > coarse).any()
     # A student whose tail is already flat gets nothing extra.
     flat = student.scatter(-1, bucket.ids, 0.0).masked_fill(
         torch.ones_like(student, dtype=torch.bool).scatter(-1, bucket.ids, False), 0.0
     )
     flat = flat.scatter(-1, bucket.ids, student.gather(-1, bucket.ids))
-    torch.testing.assert_close(sparse_token_divergence(flat, uniform), sparse_token_divergence(flat, bucket))
+    torch.testing.assert_close(
+        sparse_token_divergence(flat, uniform, Objective()), sparse_token_divergence(flat, bucket, Objective())
+    )
 
 
 def test_merged_sums_repeats_and_marks_targets_distinct():
@@ -275,14 +279,17 @@ def test_tail_half_mass_makes_temperature_2_exact_and_beats_the_flat_tail_elsewh
     flat = replace(targets, log_rest_half=None)
     for tau in (2.0, 1.5, 3.0, 0.7):
         exact = _exact_bucket_forward_kl(student, teacher, targets.ids, tau)
-        with_half = sparse_token_divergence(student, targets, temperature=tau)
-        without = sparse_token_divergence(student, flat, temperature=tau)
+        with_half = sparse_token_divergence(student, targets, Objective(temperature=tau))
+        without = sparse_token_divergence(student, flat, Objective(temperature=tau))
         error, flat_error = (with_half - exact).abs().mean(), (without - exact).abs().mean()
         if tau == 2.0:
             torch.testing.assert_close(with_half, exact, rtol=1e-5, atol=1e-5)
         assert error < flat_error, (tau, float(error), float(flat_error))
     torch.testing.assert_close(  # τ = 1 needs no estimate: the statistic changes nothing
-        sparse_token_divergence(student, targets), sparse_token_divergence(student, flat), rtol=0, atol=0
+        sparse_token_divergence(student, targets, Objective()),
+        sparse_token_divergence(student, flat, Objective()),
+        rtol=0,
+        atol=0,
     )
 
 
@@ -310,8 +317,9 @@ def test_forward_kl_chunk_matches_autograd_through_the_loss_definitions(temperat
     student = _logits(n, v, 30).requires_grad_(True)
     targets = _targets_with_unused_slots(n, v, k, 31, tail)
     labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(32))
-    kd, ce, grad = sparse_forward_kl_chunk(student.detach(), targets, labels, temperature, kd_weight, ce_weight, True)
-    ref_kd = sparse_token_divergence(student, targets, temperature=temperature).sum()
+    objective = Objective(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight)
+    kd, ce, grad = sparse_forward_kl_chunk(student.detach(), targets, labels, objective, True)
+    ref_kd = sparse_token_divergence(student, targets, objective).sum()
     ref_ce = token_cross_entropy(student, labels).sum()
     torch.testing.assert_close(kd, ref_kd.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-6, atol=1e-6)
@@ -319,16 +327,14 @@ def test_forward_kl_chunk_matches_autograd_through_the_loss_definitions(temperat
     assert _rel(grad, ref_grad) < 1e-5
     assert torch.isfinite(grad).all()
     # Without gradients only the sums are computed, and they are the same.
-    kd2, ce2, none = sparse_forward_kl_chunk(
-        student.detach(), targets, labels, temperature, kd_weight, ce_weight, False
-    )
+    kd2, ce2, none = sparse_forward_kl_chunk(student.detach(), targets, labels, objective, False)
     assert none is None and kd2.item() == kd.item() and ce2.item() == ce.item()
 
 
 def test_forward_kl_backward_leaves_the_saved_probabilities_intact():
     # The closed-form backward works in place on a copy: running it twice (retain_graph) gives the same gradient.
     student = _logits(5, 30, 33).requires_grad_(True)
-    kd = sparse_token_divergence(student, top_k_targets(_logits(5, 30, 34, scale=3.0), 4)).sum()
+    kd = sparse_token_divergence(student, top_k_targets(_logits(5, 30, 34, scale=3.0), 4), Objective()).sum()
     (first,) = torch.autograd.grad(kd, student, retain_graph=True)
     (second,) = torch.autograd.grad(kd, student)
     torch.testing.assert_close(first, second, rtol=0, atol=0)

@@ -1,8 +1,9 @@
 """Distillation objectives as pure functions on tensors.
 
 Every path that trains a student (plain, fused, cached, on-policy) computes its per-token divergence with
-`token_divergence` so that one definition, tested once against hand-computed values and a dense reference,
-decides what is optimized.
+`divergence_from_log_probs` (through `token_divergence` on logits) so that one definition, tested once against
+hand-computed values and a dense reference, decides what is optimized. Every function here that depends on the
+objective takes one `distill.losses.objective.Objective`; only the public `distillation_loss` takes plain keywords.
 
 Definitions (P_t, P_s = teacher and student distributions at the given temperature):
 
@@ -29,24 +30,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from distill.losses.objective import DIVERGENCES, Objective
+
 IGNORE_INDEX = -100
 
 # exp(-1e6) is exactly zero in every float format, so the floor changes no probability; it only keeps
 # differences of log-probabilities finite where both sides are -inf.
 LOG_PROB_FLOOR = -1.0e6
-
-
-def check_objective(divergence: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0) -> None:
-    """Raise ValueError naming the bad argument of an objective."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew must be in [0, 1), got {skew}")
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -66,58 +56,45 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> t
 
 
 def divergence_from_log_probs(
-    student_log_probs: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, objective: Objective
 ) -> torch.Tensor:
     """Per-token divergence between two normalized float32 log-distributions. (..., V), (..., V) -> (...).
 
-    No temperature factor is applied here; see `token_divergence`.
+    The objective's divergence, β and α; the log-probabilities are taken as already at its temperature, and no
+    τ² factor is applied here (see `token_divergence`). The ends of the jsd / skew families are the plain KLs
+    (`Objective.is_forward_kl`, `is_reverse_kl`).
     """
     s, t = student_log_probs, teacher_log_probs
-    if divergence == "forward_kl":
+    if objective.is_forward_kl:
         return _kl(t, s)
-    if divergence == "reverse_kl":
+    if objective.is_reverse_kl:
         return _kl(s, t)
+    divergence, beta, skew = objective.divergence, objective.beta, objective.skew
     if divergence == "jsd":
-        if beta == 0.0:
-            return _kl(t, s)
-        if beta == 1.0:
-            return _kl(s, t)
         log_m = _log_mixture(t, s, beta)
         return beta * _kl(t, log_m) + (1.0 - beta) * _kl(s, log_m)
     if divergence == "skew_forward_kl":
-        return _kl(t, s) if skew == 0.0 else _kl(t, _log_mixture(t, s, skew))
+        return _kl(t, _log_mixture(t, s, skew))
     if divergence == "skew_reverse_kl":
-        return _kl(s, t) if skew == 0.0 else _kl(s, _log_mixture(s, t, skew))
+        return _kl(s, _log_mixture(s, t, skew))
     if divergence == "tvd":
         return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
 
 
-def token_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Per-token divergence at `temperature`, times temperature². (..., V), (..., V) -> (...) float32.
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Per-token divergence at the objective's temperature, times τ². (..., V), (..., V) -> (...) float32.
 
     The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015), so the
-    hard-label term's weight means the same thing at every temperature.
+    hard-label term's weight means the same thing at every temperature. The objective's weights are not applied.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
-    per_token = divergence_from_log_probs(
-        log_probs(student_logits, temperature), log_probs(teacher_logits, temperature), divergence, beta, skew
-    )
-    return per_token * (temperature * temperature)
+    tau = objective.temperature
+    per_token = divergence_from_log_probs(log_probs(student_logits, tau), log_probs(teacher_logits, tau), objective)
+    return per_token * (tau * tau)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -149,18 +126,19 @@ def distillation_loss(
 
     Shapes: logits (..., V); `mask` (...) bool, True = the token counts (default: all); `labels` (...) int with
     -100 = ignore, needed when `ce_weight` > 0. The cross-entropy term is taken at temperature 1 on the
-    student's logits. Returns a float32 scalar.
+    student's logits. Returns a float32 scalar. The public entry point: plain keywords (the interface contract),
+    checked by building an `Objective`.
     """
-    check_objective(divergence, beta, skew, temperature)
-    per_token = token_divergence(student_logits, teacher_logits, divergence, beta, skew, temperature)  # (...)
+    objective = Objective(divergence, beta, skew, temperature, ce_weight=ce_weight)  # checks its arguments
+    per_token = token_divergence(student_logits, teacher_logits, objective)  # (...)
     if mask is None:
         mask = torch.ones_like(per_token, dtype=torch.bool)
     loss = masked_mean(per_token, mask)
-    if ce_weight:
+    if objective.ce_weight:
         if labels is None:
             raise ValueError("ce_weight > 0 needs labels")
         ce = token_cross_entropy(student_logits, labels)  # (...)
-        loss = loss + ce_weight * masked_mean(ce, labels != IGNORE_INDEX)
+        loss = loss + objective.ce_weight * masked_mean(ce, labels != IGNORE_INDEX)
     return loss
 
 
@@ -168,20 +146,18 @@ def loss_sums(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
+    objective: Objective,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums, not means, over the tokens where labels != -100: (divergence × τ², cross-entropy).
 
     The training loop divides both by the number of loss tokens in the whole global batch, which is what
     makes 8 micro-batches of 1 give the same update as 1 batch of 8. `teacher_logits=None` (training on
-    hard labels only) gives a zero divergence sum. Shapes: logits (..., V), labels (...).
+    hard labels only) gives a zero divergence sum. Shapes: logits (..., V), labels (...). The sums are not
+    weighted: the caller applies the objective's kd_weight and ce_weight.
     """
     counted = (labels != IGNORE_INDEX).float()  # (...)
     ce_sum = (token_cross_entropy(student_logits, labels) * counted).sum()
     if teacher_logits is None:
         return ce_sum.new_zeros(()), ce_sum
-    kd = token_divergence(student_logits, teacher_logits, divergence, beta, skew, temperature)  # (...)
+    kd = token_divergence(student_logits, teacher_logits, objective)  # (...)
     return (kd * counted).sum(), ce_sum

@@ -133,7 +133,7 @@ def _closed_form_chunk(
     kd = logits.new_zeros(())
     if teacher_logits is not None:
         t = log_probs(teacher_logits, tau)  # (n, V)
-        per_token = divergence_from_log_probs(s, t, obj.divergence, obj.beta, obj.skew)  # (n,)
+        per_token = divergence_from_log_probs(s, t, obj)  # (n,)
         kd = per_token.sum() * (tau * tau)
     if not need_grad:
         return kd, ce, None
@@ -167,9 +167,9 @@ def _generic_chunk(
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(need_grad)
         if targets is not None:
-            kd = sparse_token_divergence(logits, targets, obj.divergence, obj.beta, obj.skew, obj.temperature).sum()
+            kd = sparse_token_divergence(logits, targets, obj).sum()
         elif teacher_logits is not None:
-            kd = token_divergence(logits, teacher_logits, obj.divergence, obj.beta, obj.skew, obj.temperature).sum()
+            kd = token_divergence(logits, teacher_logits, obj).sum()
         else:
             kd = logits.new_zeros(())
         # Cross-entropy is always reported; it is only differentiated when it is part of the loss.
@@ -203,9 +203,7 @@ def _chunk_objective(
     if targets is not None and obj.is_forward_kl:
         # Closed form against sparse targets: no autograd, and one log-softmax for the divergence and the
         # reported cross-entropy (`sparse.sparse_forward_kl_chunk`).
-        kd, ce, grad = sparse_forward_kl_chunk(
-            logits.detach(), targets, labels, obj.temperature, obj.kd_weight, obj.ce_weight, need_grad
-        )
+        kd, ce, grad = sparse_forward_kl_chunk(logits.detach(), targets, labels, obj, need_grad)
     elif direction is not None:
         kd, ce, grad = _closed_form_chunk(logits.detach(), teacher_logits, labels, obj, direction, need_grad)
     else:
@@ -326,16 +324,11 @@ def fused_loss_sums(
     student_head: OutputHead,
     labels: torch.Tensor,
     *,
+    objective: Objective,
     teacher_hidden: torch.Tensor | None = None,
     teacher_head: OutputHead | None = None,
     sparse: SparseTargets | None = None,
     vocab_size: int | None = None,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
-    ce_weight: float = 0.0,
-    kd_weight: float = 1.0,
     normalizer: torch.Tensor | float = 1.0,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     chunk_rows: int | None = None,
@@ -343,7 +336,8 @@ def fused_loss_sums(
     """Distillation loss from hidden states, without materializing the (N, V) logits.
 
     Returns ``(loss, kd_sum, ce_sum)`` with ``loss = (kd_weight·kd_sum + ce_weight·ce_sum) / normalizer``
-    (differentiable w.r.t. the student's hidden states, head weight and bias) and the two sums detached. The sums
+    (differentiable w.r.t. the student's hidden states, head weight and bias) and the two sums detached; the
+    divergence, temperature and both weights are the `objective`'s. The sums
     are what `losses.loss_sums` gives on the full logits: over tokens whose label is not -100, the divergence
     × τ² between the student's and the teacher's (or, with `sparse`, the stored targets') distributions, and the
     student's cross-entropy at temperature 1. Without a teacher and without `sparse`, kd_sum is 0 (hard labels).
@@ -355,7 +349,6 @@ def fused_loss_sums(
     number of loss tokens in the global batch; it is clamped to at least 1. `chunk_rows` overrides the chunk size that
     `memory_budget_bytes` would give. The teacher never receives gradients.
     """
-    obj = Objective(divergence, beta, skew, temperature, kd_weight, ce_weight)  # checks its arguments
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("teacher_hidden and teacher_head go together")
     if teacher_hidden is not None and sparse is not None:
@@ -376,7 +369,7 @@ def fused_loss_sums(
     if vocab > min(rows_available):
         raise ValueError(f"vocab_size {vocab} exceeds an output head's {min(rows_available)} rows")
     if chunk_rows is None:
-        kind = "sparse" if sparse is not None else divergence if t_hidden is not None else "none"
+        kind = "sparse" if sparse is not None else objective.divergence if t_hidden is not None else "none"
         chunk_rows = chunk_rows_for(vocab, memory_budget_bytes, kind)
     if teacher_head is not None:
         teacher_head = OutputHead(
@@ -410,7 +403,7 @@ def fused_loss_sums(
         t_hidden,
         teacher_head,
         sparse,
-        obj,
+        objective,
         vocab,
         chunk_rows,
         needs,

@@ -1,21 +1,24 @@
 """One objective value: which divergence, its coefficients, the temperature and the two terms' weights.
 
-The dense, sparse and fused paths all read it; the rules that depend on several of its fields together (is this
-objective forward KL? reverse KL?) live here once instead of in each path.
+Every function of `distill.losses` whose result depends on the objective (dense, sparse and fused paths alike)
+takes one `Objective` instead of loose keywords; only the public `distillation_loss` keeps plain keywords and builds
+one. The rules that depend on several fields together (is this objective forward KL? reverse KL?) live here once
+instead of in each path. The definitions of the divergences are in `distill.losses.dense`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from distill.losses.dense import check_objective
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 @dataclass(frozen=True)
 class Objective:
     """What the student is trained to minimize: kd_weight · divergence(P_t, P_s) · τ² + ce_weight · CE(labels).
 
-    divergence   one of `distill.losses.dense.DIVERGENCES` (see there for the definitions and papers)
+    divergence   one of `DIVERGENCES` (see `distill.losses.dense` for the definitions and papers)
     beta (β)     jsd only: the mixture weight of the student; 0 = forward_kl, 1 = reverse_kl, 0.5 = symmetric JSD
     skew (α)     skew_* only: share of the mixture taken by the first argument; 0 = the plain KL of that direction,
                  larger values bound the divergence (it stays finite where the second distribution has no mass)
@@ -34,7 +37,15 @@ class Objective:
     ce_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        check_objective(self.divergence, self.beta, self.skew, self.temperature)
+        """Raise ValueError naming the bad field."""
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"skew must be in [0, 1), got {self.skew}")
+        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
 
     @classmethod
     def from_config(cls, section) -> Objective:
@@ -47,12 +58,6 @@ class Objective:
             kd_weight=section.kd_weight,
             ce_weight=section.ce_weight,
         )
-
-    @property
-    def divergence_args(self) -> dict:
-        """The divergence's keyword arguments of the loss functions (`dense.loss_sums`, `sparse.sparse_loss_sums`,
-        `fused.fused_loss_sums`), which keep them as plain keywords for callers without a recipe."""
-        return {"divergence": self.divergence, "beta": self.beta, "skew": self.skew, "temperature": self.temperature}
 
     @property
     def is_forward_kl(self) -> bool:

@@ -54,7 +54,7 @@ Both rules are exact (equal the dense divergence) when k = V − 1, and when the
 for every divergence that stays finite there (all but reverse_kl, jsd with β = 1 and skew_reverse_kl with
 α = 0). Values are times τ² as in `losses.token_divergence`.
 
-Forward KL (and jsd β = 0, skew_forward_kl α = 0, which are forward KL) has a closed-form gradient,
+Forward KL (`Objective.is_forward_kl`: jsd β = 0 and skew_forward_kl α = 0 too) has a closed-form gradient,
 τ·(p_student − q) with q the teacher's (bucket: per-token) target, so it skips autograd through the (N, V)
 softmax; the other divergences go through autograd. Its (N, V) work is one log-softmax whose buffer becomes the
 probabilities and then, in place, the gradient; `sparse_forward_kl_chunk` (used by `distill.losses.fused`) also reads
@@ -317,19 +317,15 @@ def log_probs_unfloored(logits: torch.Tensor, temperature: float) -> torch.Tenso
 
 
 def sparse_token_divergence(
-    student_logits: torch.Tensor,
-    targets: SparseTargets,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
+    student_logits: torch.Tensor, targets: SparseTargets, objective: Objective, vocab_size: int | None = None
 ) -> torch.Tensor:
-    """Per-token divergence to sparse targets at `temperature`, times τ². (N, V'), targets of N -> (N,) float32.
+    """Per-token divergence to sparse targets at the objective's temperature, times τ².
+    (N, V'), targets of N -> (N,) float32.
 
     `student_logits` columns at or beyond `vocab_size` (default: all columns count) are ignored. Differentiable
-    in `student_logits`; the targets are constants.
+    in `student_logits`; the targets are constants. The objective's weights are not applied.
     """
+    temperature = objective.temperature
     logits = student_logits[..., :vocab_size] if vocab_size is not None else student_logits  # (N, V)
     vocab = logits.shape[-1]
     targets = targets.merged()
@@ -337,7 +333,7 @@ def sparse_token_divergence(
     with torch.no_grad():
         teacher, used, others = _teacher_buckets(targets, temperature, vocab)  # (N, k+1), (N, k), (N,)
         safe_ids = targets.ids.clamp(0, vocab - 1)  # (N, k) unused slots point anywhere; they are masked below
-    if Objective(divergence, beta, skew, temperature).is_forward_kl:
+    if objective.is_forward_kl:
         return _ForwardKL.apply(logits, teacher, safe_ids, used, others, temperature, uniform)
     with torch.no_grad():
         in_ids = _in_ids(logits.shape, safe_ids, used)  # (N, V)
@@ -345,12 +341,12 @@ def sparse_token_divergence(
     if uniform:
         with torch.no_grad():
             dense = _dense_teacher(teacher, safe_ids, used, in_ids, others)  # (N, V)
-        per_token = divergence_from_log_probs(s_lp, dense, divergence, beta, skew)  # (N,)
+        per_token = divergence_from_log_probs(s_lp, dense, objective)  # (N,)
     else:
         s_ids = torch.where(used, s_lp.gather(-1, safe_ids), LOG_PROB_FLOOR)  # (N, k)
         s_tail = s_lp.masked_fill(in_ids, LOG_PROB_FLOOR).logsumexp(-1)  # (N,)
         student = torch.cat([s_ids, s_tail.unsqueeze(-1)], dim=-1).clamp_min(LOG_PROB_FLOOR)  # (N, k+1)
-        per_token = divergence_from_log_probs(student, teacher, divergence, beta, skew)  # (N,)
+        per_token = divergence_from_log_probs(student, teacher, objective)  # (N,)
     return per_token * (temperature * temperature)
 
 
@@ -358,20 +354,22 @@ def sparse_forward_kl_chunk(
     logits: torch.Tensor,
     targets: SparseTargets,
     labels: torch.Tensor,
-    temperature: float,
-    kd_weight: float,
-    ce_weight: float,
+    objective: Objective,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward KL to sparse targets for the fused loss, with no autograd: (Σ τ²·KL, Σ cross-entropy at τ = 1,
     d(kd_weight·Σ τ²·KL + ce_weight·Σ CE)/d(logits) or None). Every row counts. logits (n, V) float32,
-    targets of n tokens, labels (n,) in [0, V).
+    targets of n tokens, labels (n,) in [0, V). The objective must be forward KL (`Objective.is_forward_kl`);
+    its temperature and both weights are used.
 
     The same values as `sparse_token_divergence` and `losses.token_cross_entropy` with autograd, for less work:
     one log-softmax serves the divergence and (at τ = 1) the cross-entropy, which is read at the labels before
     that buffer becomes the probabilities and then, in place, the gradient; so a chunk makes about as many
     passes over (n, V) as the hard-label loss alone (log-softmax, exp, one sum, one multiply).
     """
+    if not objective.is_forward_kl:
+        raise ValueError(f"sparse_forward_kl_chunk needs a forward KL objective, got {objective.divergence!r}")
+    temperature, kd_weight, ce_weight = objective.temperature, objective.kd_weight, objective.ce_weight
     vocab = logits.shape[-1]
     targets = targets.merged()
     uniform = targets.tail == "uniform"
@@ -403,19 +401,17 @@ def sparse_loss_sums(
     student_logits: torch.Tensor,
     targets: SparseTargets,
     labels: torch.Tensor,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
+    objective: Objective,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `losses.loss_sums` with sparse targets: sums over tokens where labels != -100 of (divergence × τ², CE).
 
     Shapes: student_logits (N, V'), targets of N tokens, labels (N,). The cross-entropy is the student's at
-    temperature 1 over the first `vocab_size` columns.
+    temperature 1 over the first `vocab_size` columns. The sums are not weighted (the caller applies the objective's
+    kd_weight and ce_weight).
     """
     logits = student_logits[..., :vocab_size] if vocab_size is not None else student_logits  # (N, V)
     counted = (labels != IGNORE_INDEX).float()  # (N,)
-    kd = sparse_token_divergence(logits, targets, divergence, beta, skew, temperature)  # (N,)
+    kd = sparse_token_divergence(logits, targets, objective)  # (N,)
     ce = token_cross_entropy(logits, labels)  # (N,)
     return (kd * counted).sum(), (ce * counted).sum()

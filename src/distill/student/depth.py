@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distill.losses.dense import divergence_from_log_probs, log_probs
+from distill.losses.objective import Objective
 
 SEARCHES = ("auto", "exhaustive", "greedy")
 
@@ -87,7 +88,9 @@ class CalibrationKL:
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         with layer_subset(self.model, kept):
             for ids, teacher in zip(self.batches, self.teacher, strict=True):
-                total += divergence_from_log_probs(self._log_probs(ids), teacher, "forward_kl").sum()  # (B, T) summed
+                total += divergence_from_log_probs(
+                    self._log_probs(ids), teacher, Objective("forward_kl")
+                ).sum()  # (B, T) summed
         self.passes += 1
         self.layer_forwards += len(kept)
         return float(total) / self.tokens  # one host sync per subset, not per batch

@@ -60,12 +60,12 @@ class StudentLoss(nn.Module):
                 logits.reshape(-1, logits.shape[-1]),  # (B·(T-1), V)
                 sparse,
                 labels.reshape(-1),  # (B·(T-1),)
-                **o.divergence_args,
+                o,
             )
         else:
             from distill.losses.dense import loss_sums
 
-            kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, **o.divergence_args)
+            kd_sum, ce_sum = loss_sums(logits, teacher_logits, labels, o)
         loss = (o.kd_weight * kd_sum + o.ce_weight * ce_sum) / normalizer
         return loss, kd_sum.detach(), ce_sum.detach()
 
@@ -73,19 +73,16 @@ class StudentLoss(nn.Module):
         from distill.losses.fused import fused_loss_sums
         from distill.losses.heads import backbone_hidden_states, output_head
 
-        o = self.objective
         hidden = backbone_hidden_states(self.student, **inputs)[:, :-1]  # (B, T-1, H)
         return fused_loss_sums(
             hidden,
             output_head(self.student),
             labels,
+            objective=self.objective,
             teacher_hidden=teacher_hidden,
             teacher_head=self.teacher_head if teacher_hidden is not None else None,
             sparse=sparse,
             vocab_size=self.vocab_size,
-            **o.divergence_args,
-            ce_weight=o.ce_weight,
-            kd_weight=o.kd_weight,
             normalizer=normalizer,
         )
 
