@@ -13,7 +13,9 @@ import subprocess
 import pytest
 
 from conftest import REPORT_MODEL_KEYS, write_jsonl
+from distill.report.draft import DraftSettings
 from distill.report.evaluate import evaluate_models
+from distill.report.failures import FailureSettings
 from distill.report.render import write_report
 from distill.report.speed import SpeedSettings
 
@@ -63,6 +65,8 @@ def evaluated(tmp_path_factory, teacher_dir, student_dir):
         generation_extra_tokens=2,
         metrics_path=str(metrics),
         speed_settings=SpeedSettings(runs=1, warmup=0, prompt_tokens=8, new_tokens=2, batch_size=2),
+        draft_settings=DraftSettings(prompts=2, new_tokens=6, draft_tokens=3),
+        failure_settings=FailureSettings(prompts=2, new_tokens=8),
         show_progress=False,
         log=lambda *_: None,
     )
@@ -103,12 +107,21 @@ def test_report_json_follows_the_contract(evaluated):
 def test_report_files_are_written_whole(evaluated):
     _, out = evaluated
     names = {p.name for p in out.iterdir()}
-    assert {"report.json", "report.md", "report.html", "retention.png", "training_curves.png"} <= names
+    assert {
+        "report.json",
+        "report.md",
+        "report.html",
+        "retention.png",
+        "training_curves.png",
+        "by_difficulty.png",
+    } <= names
     assert not [n for n in names if ".tmp" in n]  # no left-over temporary files
-    for png in ("retention.png", "training_curves.png"):
+    for png in ("retention.png", "training_curves.png", "by_difficulty.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
     markdown = (out / "report.md").read_text()
     assert "| model |" in markdown and "![Retention vs the teacher](retention.png)" in markdown
+    for section in ("As the teacher's draft", "Retention by difficulty", "Failure modes"):
+        assert f"## {section}" in markdown, section
     assert "## Definitions" in markdown
 
 
@@ -116,7 +129,7 @@ def test_html_is_one_static_file(evaluated):
     _, out = evaluated
     page = (out / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 2
+    assert len(sources) == 3  # retention, by difficulty, training curves
     for source in sources:
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1]).startswith(PNG_MAGIC)
@@ -175,7 +188,7 @@ def test_html_renders_in_headless_chromium(evaluated, tmp_path):
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
     assert found, f"no probe output (exit {done.returncode}): {done.stderr[-2000:]}"
     seen = json.loads(found.group(1))
-    assert len(seen["images"]) == 2
+    assert len(seen["images"]) == 3
     assert all(complete and width > 0 for complete, width in seen["images"]), seen
     assert seen["tables"] >= 5 and seen["rows"] > 20
 

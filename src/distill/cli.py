@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     evaluate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     evaluate.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
+    evaluate.add_argument("--no-draft", action="store_true", help="skip measuring the models as the teacher's drafts")
     evaluate.add_argument("--quick", action="store_true", help="fewer timing runs and at most 64 examples")
     evaluate.add_argument("--speed-runs", type=int, help="timing repetitions (median is reported)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -163,6 +164,7 @@ def _command_eval(args) -> int:
         metrics_path=args.metrics,
         speed=not args.no_speed,
         speed_settings=settings,
+        draft=not args.no_draft,
         device=args.device,
         dtype=args.dtype,
         show_progress=not args.quiet,

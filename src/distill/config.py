@@ -252,6 +252,9 @@ class ReportConfig(Section):
     baseline: str | None = Field(None, description="Another student folder to compare against (e.g. hard labels).")
     generation: str | None = Field(None, description="Prompt/answer rows for an exact-match generation check.")
     max_rows: int | None = Field(None, gt=0, description="Evaluate at most this many held-out examples.")
+    draft: bool = Field(
+        True, description="Measure each model as the teacher's speculative-decoding draft (acceptance, speed-up)."
+    )
 
 
 class OutputConfig(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +83,8 @@ def decode(
     seed: int | None = None,
     device: torch.device | None = None,
     synced: bool = False,
+    assistant=None,
+    assistant_tokens: int = 5,
 ) -> Decoded:
     """The one decoding function: left-padded, batched, KV-cached `model.generate` with only the caller's settings.
 
@@ -98,6 +100,10 @@ def decode(
       and the caller's RNG streams (dropout, data order) are left exactly as they were. None = the current stream.
     - `stop_strings` (needs `tokenizer`), `stopping_criteria` (transformers StoppingCriteria) end rows early;
       `synced` keeps every process of a sharded (FSDP) model in the same forward calls until all are done.
+    - `assistant`: a draft model with the same token ids, for transformers' assisted generation (speculative
+      decoding, Leviathan et al. 2023; one prompt at a time, transformers' limit). Each round it proposes
+      `assistant_tokens` tokens (a constant number, no confidence cut-off: its own generation_config is swapped
+      out too) that `model` checks in one forward; the output is `model`'s own (greedy: the same tokens).
     The caller chooses eval/train mode; no gradients are recorded.
     """
     from transformers import GenerationConfig
@@ -119,9 +125,11 @@ def decode(
         settings.update(do_sample=False)
     if min_new_tokens > 0:
         settings["min_new_tokens"] = min_new_tokens
-    rows = _output_rows(model)
+    heads = [_output_rows(m) for m in (model, assistant) if m is not None]
+    rows = max((r for r in heads if r is not None), default=None)
     if vocab_size is not None and rows is not None and rows > vocab_size:
-        # Applied before temperature/top-p, so the sampled distribution is the one over real tokens.
+        # Applied before temperature/top-p, so the sampled distribution is the one over real tokens (the draft's
+        # proposals go through the same processors, hence the wider of the two heads).
         settings["suppress_tokens"] = list(range(vocab_size, rows))
     if output_logits:
         settings.update(output_logits=True, return_dict_in_generate=True)
@@ -135,31 +143,54 @@ def decode(
         from transformers import StoppingCriteriaList
 
         extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
-    had_config = hasattr(model, "generation_config")
-    saved_config = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
+    if assistant is not None:
+        extra["assistant_model"] = assistant
     seeded = nullcontext()
     if seed is not None:
         seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
-    try:
-        with torch.no_grad(), seeded:
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                synced_gpus=synced,
-                **extra,
-            )
-    finally:
-        if had_config:
-            model.generation_config = saved_config
-        else:
-            del model.generation_config
+    with _own_configs(model, assistant, assistant_tokens), torch.no_grad(), seeded:
+        if seed is not None:
+            torch.manual_seed(seed)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            synced_gpus=synced,
+            **extra,
+        )
     sequences = output.sequences if hasattr(output, "sequences") else output  # (B * n, P + S)
     logits = tuple(output.logits) if output_logits and getattr(output, "logits", None) else None
     return Decoded(sequences[:, input_ids.shape[1] :], logits)
+
+
+_NONE = object()  # a model that had no generation_config of its own before the call
+
+
+@contextmanager
+def _own_configs(model, assistant, assistant_tokens: int):
+    """Blank generation configs on `model` (and the draft) for the call, the models' own put back after.
+
+    transformers reads the draft length, its schedule and a confidence cut-off from the draft's own config."""
+    from transformers import GenerationConfig
+
+    blank = {model: GenerationConfig()}
+    if assistant is not None:
+        blank[assistant] = GenerationConfig(
+            num_assistant_tokens=assistant_tokens,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.0,
+        )
+    saved = {m: m.__dict__.get("generation_config", _NONE) for m in blank}
+    try:
+        for m, config in blank.items():
+            m.generation_config = config
+        yield
+    finally:
+        for m, value in saved.items():
+            if value is _NONE:
+                del m.generation_config
+            else:
+                m.generation_config = value
 
 
 def _output_rows(model) -> int | None:

@@ -59,22 +59,33 @@ def chunk_metrics(
     """Per-token metrics of one chunk of counted tokens, in float32.
 
     logits (n, V) float, labels (n,) long (every one counted), teacher_logits (n, V) or None, on one device.
-    Returns (n,) tensors: `cross_entropy` (−log p_model(label), nats), `prediction` (argmax id) and, with a teacher,
-    `kl_to_teacher` (KL(teacher ‖ model) at temperature 1, nats), `teacher_prediction` and `teacher_cross_entropy`
-    (the teacher's own −log p(label): the teacher's report comes from the same chunk).
+    Returns (n,) tensors: `cross_entropy` (−log p_model(label), nats), `prediction` (argmax id), `confidence` (the
+    model's probability of its argmax, for calibration) and, with a teacher, `kl_to_teacher` (KL(teacher ‖ model) at
+    temperature 1, nats), `teacher_prediction`, `teacher_confidence`, `teacher_cross_entropy` (the teacher's own
+    −log p(label): the teacher's report comes from the same chunk) and `teacher_entropy` (−Σ p_t log p_t, nats: how
+    hard the teacher finds the token); without one, `entropy` (the model's own).
     """
     model_lp = log_probs(logits)  # (n, V)
+    top, prediction = model_lp.max(-1)  # (n,) each; the first maximum, as argmax
     result = {
         "cross_entropy": -model_lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1),  # (n,)
-        "prediction": model_lp.argmax(-1),  # (n,)
+        "prediction": prediction,
+        "confidence": top.exp(),  # (n,)
     }
     if teacher_logits is not None:
         teacher_lp = log_probs(teacher_logits)  # (n, V)
-        # KL(T ‖ M) = Σ p_t (log p_t − log p_m); written into model_lp's buffer so only two (n, V) stay alive.
+        teacher_p = teacher_lp.exp()  # (n, V)
+        # KL(T ‖ M) = Σ p_t (log p_t − log p_m) and H(T) = −Σ p_t log p_t, both written into model_lp's buffer, so no
+        # more than three (n, V) stay alive beside the logits.
         difference = torch.sub(teacher_lp, model_lp, out=model_lp)  # (n, V)
-        result["kl_to_teacher"] = (teacher_lp.exp() * difference).sum(-1)  # (n,)
-        result["teacher_prediction"] = teacher_lp.argmax(-1)  # (n,)
+        result["kl_to_teacher"] = torch.mul(teacher_p, difference, out=difference).sum(-1)  # (n,)
+        result["teacher_entropy"] = -torch.mul(teacher_p, teacher_lp, out=difference).sum(-1)  # (n,)
+        teacher_top, result["teacher_prediction"] = teacher_lp.max(-1)  # (n,) each
+        result["teacher_confidence"] = teacher_top.exp()  # (n,)
         result["teacher_cross_entropy"] = -teacher_lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (n,)
+    else:
+        model_p = model_lp.exp()  # (n, V)
+        result["entropy"] = -torch.mul(model_p, model_lp, out=model_p).sum(-1)  # (n,)
     return result
 
 
@@ -105,7 +116,8 @@ def chunked_token_metrics(
     # outlive a chunk most likely split the holes its (n, V) buffers leave in the CPU heap, so the next chunk's
     # buffers no longer fit there.
     m, device = index.numel(), labels.device
-    floats = ["cross_entropy"] + (["kl_to_teacher", "teacher_cross_entropy"] if teacher_rows is not None else [])
+    teacher_floats = ["kl_to_teacher", "teacher_cross_entropy", "teacher_entropy", "teacher_confidence"]
+    floats = ["cross_entropy", "confidence"] + (teacher_floats if teacher_rows is not None else ["entropy"])
     ids = ["prediction"] + (["teacher_prediction"] if teacher_rows is not None else [])
     out = {name: torch.empty(m, dtype=torch.float32, device=device) for name in floats}  # (M,) each
     out.update({name: torch.empty(m, dtype=torch.long, device=device) for name in ids})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,14 @@ from distill.models import (
     pick_device,
     resolve_dtype,
 )
-from distill.report.generation import exact_match, read_generation_rows
+from distill.report.difficulty import bucket_index, bucket_metrics, by_difficulty, difficulty_edges
+from distill.report.draft import DraftSettings, draft_skip_reason, measure_draft
+from distill.report.failures import FailureSettings, greedy_failures, length_ratio
+from distill.report.generation import eval_prompts, exact_match, read_generation_rows
 from distill.report.quality import counted_bytes, score_pass, summarize
 from distill.report.retention import retention_of, speedup_of
 from distill.report.speed import SpeedSettings, measure_speed, model_device, size_on_disk
+from distill.sampling import eos_ids
 
 
 @dataclass
@@ -102,6 +107,19 @@ DEFINITIONS = {
     "CUDA max_memory_allocated above the start, or on CPU sampled RSS above the start (approximate)",
     "size_on_disk_bytes": "sum of the weight files (.safetensors, .bin, ...) in the model folder",
     "exact_match": "greedy decoding from the prompt; stripped, whitespace-collapsed output equals the answer",
+    "draft_acceptance_rate": "the model as the teacher's draft in greedy assisted generation (transformers, batch 1, "
+    "draft.draft_tokens proposed per round) on draft.prompts eval prompts: accepted ÷ proposed draft tokens, as "
+    "counted by transformers' own candidate generator",
+    "speculative_decode_speedup": "tokens/s of the teacher with this draft ÷ tokens/s of the teacher alone, greedy, "
+    "batch 1, the same prompts and new tokens (wall time, alternating order)",
+    "by_difficulty": "counted tokens split at the quartiles of the teacher's entropy −Σ p log p (nats, temperature "
+    "1; bucket 1 = the most certain quarter, ties to the lower bucket); each model's metrics on the same tokens, "
+    "retention against the teacher's same bucket",
+    "failure_modes": "greedy generations of failure_modes.generations eval prompts (up to max_new_tokens): "
+    "repeated_ngram_share = n-grams already seen earlier in their generation ÷ all n-grams (rep-n); looping_share "
+    "= generations not ended by EOS whose last max(2p, 2n) tokens repeat one block of p ≤ 16 tokens; "
+    "mean_generated_tokens before EOS and its ratio to the teacher's; expected_calibration_error of the top-1 "
+    "prediction on the counted eval tokens, 15 equal-width confidence bins",
 }
 
 
@@ -128,6 +146,11 @@ class _EvalData:
     generation_rows: list[dict] | None
     prompt_limit: int  # exact match keeps a prompt's last tokens
     generation_extra_tokens: int
+    draft_settings: DraftSettings | None = None  # None: drafts not measured (report.draft off)
+    draft_prompts: list[list[int]] | None = None
+    failure_settings: FailureSettings | None = None
+    failure_prompts: list[list[int]] | None = None
+    section_s: dict | None = None  # seconds spent on the draft and failure-mode generations
 
 
 def evaluate_models(
@@ -149,6 +172,9 @@ def evaluate_models(
     show_progress: bool = True,
     log=print,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    draft: bool = True,
+    draft_settings: DraftSettings | None = None,
+    failure_settings: FailureSettings | None = None,
 ) -> dict:
     """Evaluate the teacher and every model on the same held-out data; write the report into `out_dir`.
 
@@ -166,6 +192,9 @@ def evaluate_models(
     float16) applies to every model without its own. Returns the report dict (the report.json contract plus
     extra keys) and writes report.json/.md/.html and PNGs into `out_dir` (None: writes nothing). User mistakes
     raise DistillError. Metrics come from hidden states, `memory_budget_bytes` of float32 logits at a time.
+
+    `draft` measures every model as the teacher's speculative-decoding draft (`DraftSettings`: prompts, lengths);
+    `failure_settings` sets the greedy generations behind the failure modes (prompts=0: none, calibration only).
     """
     teacher_spec, specs = _model_specs(teacher_dir, models, dtype, device)
     if batch_size < 1 or (max_length is not None and max_length < 2):
@@ -173,6 +202,7 @@ def evaluate_models(
     if max_length is None:
         max_length = _shortest_context((teacher_spec, *specs))
     evaluation = _eval_data(teacher_spec, specs, data, max_length, max_rows, generation, generation_extra_tokens, log)
+    _judging_prompts(evaluation, (draft_settings or DraftSettings()) if draft else None, failure_settings)
     settings = (speed_settings or SpeedSettings()) if speed else None
 
     teacher = _load(teacher_spec)
@@ -180,10 +210,11 @@ def evaluate_models(
     examples = evaluation.examples
     log(f"eval data: {len(examples)} sequences, {sum(e.loss_tokens for e in examples)} counted tokens")
     teacher_cost = _cost(teacher, teacher_spec, vocab_size, evaluation, settings, log)
-    teacher_quality, results = _score_models(
+    teacher_quality, results, difficulty = _score_models(
         teacher, specs, evaluation, vocab_size, batch_size, settings, show_progress, log, memory_budget_bytes
     )
     report = _report({"teacher": {**teacher_quality, **teacher_cost}, **results}, evaluation, data, generation)
+    report["by_difficulty"] = difficulty
     if out_dir is not None:
         from distill.report.render import write_report
 
@@ -256,6 +287,17 @@ def _eval_data(
     )
 
 
+def _judging_prompts(evaluation: _EvalData, draft: DraftSettings | None, failures: FailureSettings | None) -> None:
+    """The eval prompts the draft measurement and the failure-mode generations continue (the same for every model)."""
+    failures = failures or FailureSettings()
+    evaluation.failure_settings = failures
+    evaluation.failure_prompts = eval_prompts(evaluation.examples, failures.prompts, failures.prompt_tokens)
+    evaluation.draft_settings = draft
+    if draft is not None:
+        evaluation.draft_prompts = eval_prompts(evaluation.examples, draft.prompts, draft.prompt_tokens)
+    evaluation.section_s = {"draft": 0.0, "failure_generations": 0.0}
+
+
 def _load(spec: ModelSpec):
     """The model of `spec` in eval mode, frozen, on its device and in its dtype."""
     dev = pick_device(spec.device, f"{spec.name} device")
@@ -289,6 +331,16 @@ def _cost(model, spec: ModelSpec, vocab_size: int, evaluation: _EvalData, settin
         )
     else:
         result.update(prefill_tokens_per_s=None, decode_tokens_per_s=None, peak_memory_bytes=None)
+    start = time.perf_counter()
+    result["failure_modes"] = greedy_failures(
+        model,
+        evaluation.failure_prompts,
+        eos_ids(model, evaluation.tokenizer),
+        evaluation.pad_id,
+        vocab_size,
+        evaluation.failure_settings,
+    )
+    evaluation.section_s["failure_generations"] += time.perf_counter() - start
     if evaluation.generation_rows is not None:
         result.update(
             exact_match(
@@ -302,6 +354,48 @@ def _cost(model, spec: ModelSpec, vocab_size: int, evaluation: _EvalData, settin
     return result
 
 
+def _draft(teacher, model, name: str, evaluation: _EvalData, vocab_size: int, log) -> dict:
+    """`measure_draft` of `model` for the teacher, or null keys and a note saying why it was not measured."""
+    settings, prompts = evaluation.draft_settings, evaluation.draft_prompts
+    reason = "report.draft is off" if settings is None else draft_skip_reason(teacher, model, True)
+    if reason is None and not prompts:
+        reason = "no eval prompts"
+    if reason is None:
+        log(f"{name} as the teacher's draft ({len(prompts)} prompts x {settings.new_tokens} tokens)")
+        start = time.perf_counter()
+        eos = eos_ids(teacher, evaluation.tokenizer)
+        try:
+            return measure_draft(teacher, model, prompts, eos, evaluation.pad_id, vocab_size, settings)
+        except ValueError as error:  # transformers refuses the pair (an architecture without a croppable cache...)
+            reason = f"transformers refused assisted generation: {error}"
+        finally:
+            evaluation.section_s["draft"] += time.perf_counter() - start
+    return {"draft_acceptance_rate": None, "speculative_decode_speedup": None, "draft_note": f"not measured: {reason}"}
+
+
+class _Difficulty:
+    """The difficulty buckets, fixed by the teacher's entropies from the first pass; every model's tokens are placed
+    in the same buckets (the passes' counted tokens are checked to be the same, in the same order)."""
+
+    def __init__(self, teacher_part):
+        self.teacher = teacher_part.tensors()
+        self.edges = difficulty_edges(self.teacher["teacher_entropy"])
+        self.index = bucket_index(self.teacher["teacher_entropy"], self.edges) if self.edges else None
+        self.buckets = {"teacher": bucket_metrics(self.teacher, self.index)} if self.edges else {}
+
+    def add(self, name: str, collected) -> None:
+        if not self.edges:
+            return
+        tokens = collected.tensors()
+        for key in ("example", "position"):
+            if not torch.equal(tokens[key], self.teacher[key]):
+                raise RuntimeError("eval passes disagree on the counted tokens; cannot split them by difficulty")
+        self.buckets[name] = bucket_metrics(tokens, self.index)
+
+    def report(self) -> dict:
+        return by_difficulty(self.buckets, self.edges) if self.edges else {}
+
+
 def _score_models(
     teacher,
     specs: Sequence[ModelSpec],
@@ -312,13 +406,15 @@ def _score_models(
     show_progress: bool,
     log,
     memory_budget_bytes: int,
-) -> tuple[dict, dict[str, dict]]:
-    """The teacher's quality and each model's quality and cost, loading one model at a time beside the teacher.
+) -> tuple[dict, dict[str, dict], dict]:
+    """The teacher's quality, each model's quality, cost and draft results (one model at a time beside the teacher),
+    and `by_difficulty`.
 
-    The teacher's own results come from the first pass (with no models: a teacher-only pass)."""
+    The teacher's own results come from the first pass (with no models: a teacher-only pass); so do the teacher's
+    per-token entropies that place every model's tokens in the same difficulty buckets."""
     examples, tokenizer = evaluation.examples, evaluation.tokenizer
     results: dict[str, dict] = {}
-    teacher_quality = None
+    teacher_quality = difficulty = None
     progress = _progress(show_progress)
     with progress or contextlib.nullcontext():
         for spec in specs or [None]:
@@ -342,19 +438,30 @@ def _score_models(
             )
             if teacher_quality is None:
                 teacher_quality = summarize(teacher_part, evaluation.counted_bytes, examples, tokenizer)
+                difficulty = _Difficulty(teacher_part)
+                del teacher_part
             if model is not None:
                 quality = summarize(model_part, evaluation.counted_bytes, examples, tokenizer)
-                results[spec.name] = {**quality, **_cost(model, spec, vocab_size, evaluation, settings, log)}
+                difficulty.add(spec.name, model_part)
+                results[spec.name] = {
+                    **quality,
+                    **_cost(model, spec, vocab_size, evaluation, settings, log),
+                    **_draft(teacher, model, spec.name, evaluation, vocab_size, log),
+                }
                 device_used, large = model_device(model), count_parameters(model) > 50_000_000
                 del model, model_part
                 _free_memory(device_used, large)
-    return teacher_quality, results
+    return teacher_quality, results, difficulty.report()
 
 
 def _report(report_models: dict[str, dict], evaluation: _EvalData, data: str, generation: str | None) -> dict:
     """The report dict (the report.json contract in DESIGN.md): every model, retention and speed-up, the data."""
     teacher_result = report_models["teacher"]
     others = {name: r for name, r in report_models.items() if name != "teacher"}
+    for r in report_models.values():  # the generations' signals beside calibration on the eval tokens
+        failures = r.setdefault("failure_modes", {})
+        failures["expected_calibration_error"] = r.pop("expected_calibration_error", None)
+        failures["length_ratio_to_teacher"] = length_ratio(failures, teacher_result.get("failure_modes"))
     return {
         "models": report_models,
         "retention": {name: retention_of(r, teacher_result) for name, r in others.items()},
@@ -368,7 +475,10 @@ def _report(report_models: dict[str, dict], evaluation: _EvalData, data: str, ge
             "rows_read": evaluation.rows_read,
             "truncated_rows": evaluation.truncated_rows,
             "generation": str(generation) if generation else None,
+            "draft_prompts": len(evaluation.draft_prompts or []),
+            "failure_prompts": len(evaluation.failure_prompts or []),
         },
+        "section_time_s": {k: round(v, 3) for k, v in (evaluation.section_s or {}).items()},
         "definitions": DEFINITIONS,
     }
 

@@ -1,4 +1,4 @@
-"""Exact match on a generation task: greedy continuations of prompts against their answers."""
+"""Greedy continuations: the eval prompts every generation check continues, and exact match on a prompt/answer file."""
 
 from __future__ import annotations
 
@@ -6,10 +6,30 @@ from collections.abc import Sequence
 
 import torch
 
-from distill.data import pad_id_of, read_rows
+from distill.data import Example, pad_id_of, read_rows
 from distill.errors import DistillError
 from distill.report.speed import model_device
 from distill.sampling import decode, eos_ids
+
+
+def eval_prompts(examples: Sequence[Example], count: int, prompt_tokens: int) -> list[list[int]]:
+    """Up to `count` prompts spread evenly over the eval examples (the same ones for every model).
+
+    A row with a prompt (tokens before its first counted target: prompt/completion or chat rows) gives its last
+    `prompt_tokens` prompt tokens; a text row (everything counted) its first `prompt_tokens` tokens, at most half of
+    it, so the model continues real text."""
+    if count < 1 or not examples:
+        return []
+    step = max(1, len(examples) // count)
+    prompts = []
+    for example in list(examples)[::step][:count]:
+        ids, mask = example.input_ids, example.loss_mask
+        first_target = next((i for i in range(1, len(ids)) if mask[i]), len(ids))
+        if first_target > 1:
+            prompts.append(list(ids[:first_target][-prompt_tokens:]))
+        else:
+            prompts.append(list(ids[: max(1, min(prompt_tokens, len(ids) // 2))]))
+    return prompts
 
 
 def normalize_answer(text: str) -> str:

@@ -17,6 +17,7 @@ from distill.data import Example, collate, forward_inputs
 from distill.losses.fused import DEFAULT_MEMORY_BUDGET_BYTES
 from distill.losses.heads import OutputHead, backbone_hidden_states, output_head, verify_output_head
 from distill.losses.token_metrics import LogitRows, chunked_token_metrics, dense_rows, head_rows
+from distill.report.failures import expected_calibration_error
 from distill.report.speed import model_device
 
 
@@ -89,6 +90,11 @@ def logit_rows(model, head: OutputHead | None, inputs: dict[str, torch.Tensor], 
     row b sits at b·T + t of the (B·T) flattening, i.e. at index + index // (T-1).
     """
     width = inputs["input_ids"].shape[1] - 1
+    where, back = model_device(model), inputs["input_ids"].device
+    if where != back:  # a teacher on another device (teacher.device): it computes there, its rows come back
+        inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        rows = logit_rows(model, head, inputs, vocab_size)
+        return lambda index: rows(index.to(where)).to(back)
     if head is not None:
         hidden = backbone_hidden_states(model, **inputs)  # (B, T, H)
         rows = head_rows(hidden.reshape(-1, hidden.shape[-1]), head, vocab_size)  # a view: no copy
@@ -154,6 +160,20 @@ def token_metrics(
     )
 
 
+# What the report keeps of every counted token, per model: `confidence` feeds calibration, `teacher_entropy` the
+# split by difficulty (the teacher's own entropy in the teacher's entry).
+PER_TOKEN = (
+    "cross_entropy",
+    "kl_to_teacher",
+    "prediction",
+    "teacher_prediction",
+    "correct",
+    "agreement",
+    "confidence",
+    "teacher_entropy",
+)
+
+
 @dataclass
 class Collected:
     """Per-token results of one model over the whole eval set (CPU tensors, concatenated at the end)."""
@@ -162,15 +182,14 @@ class Collected:
 
     @classmethod
     def empty(cls) -> Collected:
-        names = ("example", "position", "cross_entropy", "kl_to_teacher", "prediction", "teacher_prediction")
-        return cls({name: [] for name in (*names, "correct", "agreement")})
+        return cls({name: [] for name in ("example", "position", *PER_TOKEN)})
 
     def add(self, metrics: dict[str, torch.Tensor], first_example: int, width: int) -> None:
         index = metrics["index"].cpu()
         # Output position i predicts input token i+1: report the target token's own position.
         self.parts["example"].append(first_example + index // width)
         self.parts["position"].append(index % width + 1)
-        for name in ("cross_entropy", "kl_to_teacher", "prediction", "teacher_prediction", "correct", "agreement"):
+        for name in PER_TOKEN:
             self.parts[name].append(metrics[name].cpu())
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -203,18 +222,22 @@ def counted_bytes(examples: Sequence[Example], tokenizer) -> int:
     return total
 
 
-def _own_metrics(
-    index: torch.Tensor, cross_entropy: torch.Tensor, prediction: torch.Tensor, targets: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The teacher's own per-token results, KL 0 and agreement 1 by construction. All (M,) over counted tokens."""
+def _own_metrics(metrics: dict[str, torch.Tensor], targets: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """The teacher's own per-token results, KL 0 and agreement 1 by construction. All (M,) over counted tokens.
+
+    `metrics` are `chunked_token_metrics` results in which the teacher's values carry `prefix` ("teacher_" when
+    they come from a pass beside a model, "" from a teacher-only pass)."""
+    cross_entropy, prediction = metrics[f"{prefix}cross_entropy"], metrics[f"{prefix}prediction"]
     return {
-        "index": index,
+        "index": metrics["index"],
         "cross_entropy": cross_entropy,
         "kl_to_teacher": torch.zeros_like(cross_entropy),
         "prediction": prediction,
         "teacher_prediction": prediction,
         "correct": prediction == targets,
         "agreement": torch.ones_like(prediction, dtype=torch.bool),
+        "confidence": metrics[f"{prefix}confidence"],
+        "teacher_entropy": metrics["teacher_entropy" if prefix else "entropy"],
     }
 
 
@@ -259,17 +282,13 @@ def score_pass(
             model_out.add(metrics, first, width)
             if teacher_metrics:
                 targets = flat_labels.index_select(0, metrics["index"])  # (M,)
-                own = _own_metrics(
-                    metrics["index"], metrics["teacher_cross_entropy"], metrics["teacher_prediction"], targets
-                )
-                teacher_out.add(own, first, width)
+                teacher_out.add(_own_metrics(metrics, targets, "teacher_"), first, width)
         elif teacher_metrics:
             metrics = chunked_token_metrics(
                 teacher_rows, flat_labels, vocab_size=vocab_size, memory_budget_bytes=memory_budget_bytes
             )
             targets = flat_labels.index_select(0, metrics["index"])  # (M,)
-            own = _own_metrics(metrics["index"], metrics["cross_entropy"], metrics["prediction"], targets)
-            teacher_out.add(own, first, width)
+            teacher_out.add(_own_metrics(metrics, targets, ""), first, width)
         teacher_rows = model_rows = None  # free this batch's hidden states (or fallback logits) before the next
         if progress:
             progress.advance(task)
@@ -285,7 +304,8 @@ def _percentile(values: torch.Tensor, q: float) -> float:
 def summarize(
     collected: Collected, total_bytes: int, examples: Sequence[Example], tokenizer, worst: int = 10, context: int = 12
 ) -> dict:
-    """Means over counted tokens, KL spread and the tokens where the model diverges most from the teacher."""
+    """Means over counted tokens, KL spread, calibration and the tokens where the model diverges most from the
+    teacher."""
     t = collected.tensors()
     n = t["cross_entropy"].numel()
     denominator = max(n, 1)
@@ -302,6 +322,7 @@ def summarize(
         "kl_to_teacher": float(kl.double().sum()) / denominator,
         "kl_to_teacher_percentiles": {f"p{q}": _percentile(kl, q) for q in (50, 90, 99)},
         "kl_to_teacher_max": float(kl.max()) if n else 0.0,
+        "expected_calibration_error": expected_calibration_error(t["confidence"], t["correct"]),
     }
     rows = []
     if n and float(kl.max()) > 0.0:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from distill import atomic
 from distill.metrics import read_metrics
+from distill.report.judging import difficulty_figure, judging_tables
 
 RETENTION_PNG = "retention.png"
 CURVES_PNG = "training_curves.png"
+DIFFICULTY_PNG = "by_difficulty.png"
 
 QUALITY_COLUMNS = [
     ("cross_entropy", "CE (nats/token)"),
@@ -157,7 +159,7 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(
             ("Spread of KL(teacher ‖ model) over tokens (nats)", ["model", "p50", "p90", "p99", "max"], spread_rows)
         )
-    return tables
+    return tables + judging_tables(report)
 
 
 def _divergent_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -226,6 +228,17 @@ def retention_chart(report: dict) -> bytes | None:
     axis.set_ylabel("% of the teacher")
     axis.set_title("Retention vs the teacher")
     axis.legend(fontsize=8)
+    data = _png_bytes(figure)
+    plt.close(figure)
+    return data
+
+
+def difficulty_chart(report: dict) -> bytes | None:
+    """Retention and KL per teacher-entropy bucket (`judging.difficulty_figure`) as PNG bytes."""
+    plt = _pyplot()
+    figure = difficulty_figure(report, plt)
+    if figure is None:
+        return None
     data = _png_bytes(figure)
     plt.close(figure)
     return data
@@ -439,6 +452,9 @@ def write_report(report: dict, out_dir: str | Path, metrics_path: str | Path | N
     retention_png = retention_chart(report)
     if retention_png is not None:
         pictures.append((RETENTION_PNG, "Retention vs the teacher", retention_png))
+    difficulty_png = difficulty_chart(report)
+    if difficulty_png is not None:
+        pictures.append((DIFFICULTY_PNG, "Retention by difficulty (teacher entropy quartiles)", difficulty_png))
     if metrics_path is not None:
         curves_png = training_curves(read_metrics(Path(metrics_path)))
         if curves_png is not None:
