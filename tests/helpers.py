@@ -60,3 +60,57 @@ def write_recipe(path: Path, content: dict) -> Path:
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     """The trained student's tensors of the run with output folder `out`."""
     return load_file(str(out / "student" / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- two tokenizers of one text (cross-tokenizer tests)
+
+# Accents, CJK, emoji, leading spaces, tabs, code: what tokenizers split differently.
+MULTILINGUAL = [
+    "héllo wörld, naïve café",
+    "你好世界，你好老师",
+    "the student 😀 learns from the teacher 🎓",
+    "  leading spaces and\ttabs",
+    "def add(a, b):\n    return a + b\n",
+    "knowledge distillation: ça marche très bien",
+]
+
+
+def byte_level_tokenizer(vocab_size: int = 300):
+    """GPT-2-style byte-level BPE trained on MULTILINGUAL: no BOS, `<|eos|>` and `<|pad|>` (ids 1, 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(MULTILINGUAL * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>")
+
+
+def sentencepiece_tokenizer(merges: int = 120):
+    """Llama-2-style BPE trained on MULTILINGUAL: ▁ for spaces with a dummy prefix, <0xNN> byte fallback for what
+    its small alphabet lacks, `<s>` written before every text; `<unk>`, `<s>`, `</s>` are ids 0, 1, 2."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=merges + len(specials), special_tokens=specials, limit_alphabet=40)
+    tok.train_from_iterator(MULTILINGUAL * 10, trainer)
+    spec = json.loads(tok.to_str())
+    # The byte tokens are ordinary vocabulary entries, as in Llama's tokenizer.json, not added tokens.
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if not a["content"].startswith("<0x")]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -16,8 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distill.errors import DistillError
 from distill.losses.dense import DIVERGENCES
+from distill.losses.hidden import check_layer_pairs
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# How a model's attention is computed (transformers' attn_implementation); auto = transformers' choice (sdpa).
+AttnImplementation = Literal["auto", "sdpa", "flash_attention_2", "eager"]
+
+
+def _comma_list(value: Any) -> Any:
+    """`key=a,b` on the command line (a string) means the list [a, b]; `key=none` or empty means []."""
+    if isinstance(value, str):
+        return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
+    return [] if value is None else value
 
 
 class Section(BaseModel):
@@ -33,13 +43,36 @@ class TeacherConfig(Section):
     dtype: Dtype = Field("auto", description="Teacher weights' dtype; auto = bfloat16 on a GPU, float32 on CPU.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher.")
     trust_remote_code: bool = Field(False, description="Allow the teacher's own Python code from its folder/hub.")
+    device: str = Field(
+        "auto",
+        description="Where the teacher runs: auto = the training device; cpu, cuda or cuda:N put it elsewhere "
+        "(its activations are moved to the student's device).",
+    )
+    attn_implementation: AttnImplementation = Field(
+        "auto", description="Teacher attention: auto (transformers' default), sdpa, flash_attention_2 or eager."
+    )
     endpoint: str | None = Field(
-        None, description="Base URL of an OpenAI-compatible server (vLLM, SGLang, ...) for `distill generate`."
+        None,
+        description="Base URL of an OpenAI-compatible server (vLLM, SGLang, ...): the teacher of `distill generate`, "
+        "`distill cache` (prompt log-probs) and training without teacher.cache.",
+    )
+    endpoint_logprobs: Literal["auto", "prompt_logprobs", "echo"] = Field(
+        "auto",
+        description="How prompt log-probs are asked of teacher.endpoint: vLLM's prompt_logprobs, echo + logprobs, "
+        "or auto (prompt_logprobs, else echo).",
     )
     model_name: str | None = Field(None, description="Model name at the endpoint; default: the server's first model.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="Environment variable holding the endpoint's API key (never written anywhere)."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        # Whether the device exists is checked when the teacher is placed (distill.models.pick_device).
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r}: give auto, cpu, cuda or cuda:N")
+        return value
 
 
 class FromTeacherConfig(Section):
@@ -73,6 +106,28 @@ class FromTeacherConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """A LoRA adapter on the student (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")."""
+
+    r: int = Field(16, gt=0, description="Rank of the adapter: each adapted weight W gets W + (alpha / r) · B A.")
+    alpha: float = Field(32.0, gt=0, description="Scale of the low-rank update (multiplied by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Layers that get an adapter: all-linear (every linear layer but the output head) or a list of "
+        "module names (q_proj, v_proj, ...).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value != "all-linear":
+            raise ValueError(f"{value!r}: give all-linear or a list of module names (e.g. [q_proj, v_proj])")
+        if isinstance(value, list) and (not value or not all(name.strip() for name in value)):
+            raise ValueError("give at least one module name, none empty")
+        return value
+
+
 class StudentConfig(Section):
     path: str | None = Field(None, description="Student model to start from: a local folder or a hub id.")
     config: dict[str, Any] | None = Field(
@@ -82,6 +137,14 @@ class StudentConfig(Section):
     tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; default: the teacher's.")
     revision: str | None = Field(None, description="Hub revision of the student.")
     trust_remote_code: bool = Field(False, description="Allow the student's own Python code from its folder/hub.")
+    attn_implementation: AttnImplementation = Field(
+        "auto", description="Student attention: auto (transformers' default), sdpa, flash_attention_2 or eager."
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train a LoRA adapter (extra [peft]) instead of all the student's weights; null = all weights. "
+        "With student.path == teacher.path the teacher is the student's own base (one copy, adapter disabled).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
@@ -125,6 +188,25 @@ class OnPolicyConfig(Section):
     )
 
 
+class HiddenConfig(Section):
+    """Hidden-state distillation added to the logit loss (`distill.losses.hidden`: TinyBERT / DistillKit style)."""
+
+    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state term added to the logit loss; 0 = off.")
+    loss: Literal["cosine", "mse"] = Field(
+        "cosine", description="Per token and layer pair: cosine = 1 - cos(student, teacher); mse = mean squared error."
+    )
+    layers: Literal["auto"] | list[tuple[int, int]] = Field(
+        "auto",
+        description="[[student_layer, teacher_layer], ...], layer k = the state after k decoder layers (0 = the "
+        "embeddings); auto = student layer k with teacher layer round(k·T/S), k = 1..S.",
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        return check_layer_pairs(value)
+
+
 class ObjectiveConfig(Section):
     divergence: str = Field("forward_kl", description=f"One of {', '.join(DIVERGENCES)}.")
     beta: float = Field(0.5, ge=0, le=1, description="jsd only: 0 = forward_kl, 1 = reverse_kl.")
@@ -134,6 +216,17 @@ class ObjectiveConfig(Section):
     kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term; 0 = train on hard labels only.")
     fused: bool = Field(True, description="Memory-lean chunked loss that never builds the full logits.")
     on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="Student-generated data (GKD).")
+    hidden: HiddenConfig = Field(default_factory=HiddenConfig, description="Hidden-state distillation (weight 0: off).")
+    cross_tokenizer: Literal["off", "uld", "aligned"] = Field(
+        "off",
+        description="Teacher and student with different tokenizers: uld (sorted-probability distance), aligned "
+        "(the divergence over shared tokens at 1:1 spans, uld elsewhere); off = one tokenizer is required.",
+    )
+
+    @field_validator("cross_tokenizer", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @field_validator("divergence")
     @classmethod
@@ -183,6 +276,20 @@ class TrainingConfig(Section):
         "auto = ddp when several processes run.",
     )
     shard_teacher: bool = Field(True, description="fsdp only: shard the teacher too (forward only, no optimizer).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers fed the metrics.jsonl scalars at the same steps (extras [tensorboard], "
+        "[wandb], [mlflow], [trackio]); TensorBoard writes to output.dir/tensorboard/.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        return _comma_list(value)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student's activations in backward (less memory, about 1/3 more compute)."
+    )
+    compile: bool = Field(False, description="torch.compile the student's and teacher's decoder layers.")
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainingConfig:
@@ -255,6 +362,19 @@ class ReportConfig(Section):
     draft: bool = Field(
         True, description="Measure each model as the teacher's speculative-decoding draft (acceptance, speed-up)."
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval-harness tasks run on the teacher, students and baseline: task, group or tag names, "
+        "or task YAML files (extra [tasks]); report.json['tasks'] holds each score and its retention.",
+    )
+    tasks_limit: int | None = Field(
+        None, gt=0, description="Score at most this many documents per lm-eval task (lm-eval's limit); null = all."
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_list(cls, value: Any) -> Any:
+        return _comma_list(value)
 
 
 class OutputConfig(Section):
@@ -287,15 +407,23 @@ class Recipe(Section):
         """Cross-section checks for training, before any model is loaded."""
         if self.objective.on_policy.lambda_ > 0:
             self._check_on_policy()
+        if self.objective.hidden.weight > 0:
+            self._check_hidden()
         if self.data.train is None:
             raise DistillError("recipe key data.train: no training data given")
-        if self.needs_teacher and self.teacher.path is None and self.teacher.cache is None:
+        t = self.teacher
+        if self.needs_teacher and t.path is None and t.cache is None and t.endpoint is None:
             raise DistillError(
-                "recipe key teacher.path: no teacher given (set teacher.path or teacher.cache, "
+                "recipe key teacher.path: no teacher given (set teacher.path, teacher.cache or teacher.endpoint, "
                 "or objective.kd_weight=0 to train on hard labels only)"
             )
         if self.student.path is None and self.student.config is None and self.student.from_teacher is None:
             raise DistillError("recipe key student: give student.path, student.config or student.from_teacher")
+        if self.student.lora is not None and self.student.config is not None:
+            raise DistillError(
+                "recipe key student.lora: an adapter trains on top of pretrained weights; a new random "
+                "student.config has none worth freezing (train all its weights: student.lora=null)"
+            )
         if self.student.from_teacher is not None and self.teacher.path is None:
             raise DistillError("recipe key student.from_teacher: needs teacher.path to prune from")
         no_tokenizer = self.student.tokenizer is None and self.student.path is None and self.teacher.cache is None
@@ -311,13 +439,26 @@ class Recipe(Section):
         if self.teacher.cache is not None:
             raise DistillError(
                 "recipe key objective.on_policy.lambda: a teacher.cache only holds signals for the fixed data; "
-                "on-policy steps need the teacher running on the student's samples (teacher.path, no cache)"
+                "on-policy steps need the teacher running on the student's samples (teacher.path or "
+                "teacher.endpoint, no cache)"
             )
         if o.ce_weight > 0:
             raise DistillError(
                 "recipe key objective.ce_weight: on-policy completions are the student's own samples, not ground "
                 "truth; set ce_weight=0 when objective.on_policy.lambda > 0"
             )
+
+    def _check_hidden(self) -> None:
+        t, why = self.teacher, None
+        if self.objective.kd_weight == 0:
+            why = "the hidden-state term is added to the logit loss; set objective.kd_weight > 0"
+        elif t.cache is not None or t.endpoint is not None:
+            source = "a teacher.cache stores" if t.cache is not None else "a served teacher (teacher.endpoint) sends"
+            why = f"{source} output distributions, not hidden states; run the teacher here (teacher.path alone)"
+        elif self.objective.cross_tokenizer != "off":
+            why = "across tokenizers the teacher's positions are not the student's; set objective.cross_tokenizer=off"
+        if why is not None:
+            raise DistillError(f"recipe key objective.hidden.weight: {why}, or set objective.hidden.weight=0")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
@@ -413,6 +554,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     calibration = spec.get("calibration") if isinstance(spec, dict) else None
     if isinstance(calibration, str) and calibration.startswith(("./", "../")):
         spec["calibration"] = str((base / calibration).resolve())
+    report = data.get("report")
+    tasks = report.get("tasks") if isinstance(report, dict) else None
+    if isinstance(tasks, list):  # task YAML files; task names stay as they are
+        report["tasks"] = [
+            str((base / t).resolve()) if isinstance(t, str) and t.startswith(("./", "../")) else t for t in tasks
+        ]
     return data
 
 

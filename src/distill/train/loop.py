@@ -23,18 +23,24 @@ from distill.errors import DistillError
 from distill.metrics import MetricsLog, ProgressDisplay
 from distill.models import count_parameters
 from distill.report.quality import evaluate_batches
+from distill.report.tasks import require_lm_eval
+from distill.train import lora
 from distill.train.checkpoint import RunState, list_checkpoints, prune_checkpoints, rng_state, save_checkpoint
 from distill.train.onpolicy import OnPolicy
 from distill.train.output import TrainResult, save_student, saved_dtype, student_state, write_run_report
 from distill.train.parallel import full_state_dicts, gather_objects, gathered_for_inference
 from distill.train.setup import Run, pick_accelerator, prepare_output, set_up
 from distill.train.step import optimizer_step, step_batches
+from distill.train.trackers import Trackers, check_trackers, tracker_list
 
 
 def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print, show_progress: bool = True):
     """Run `distill train`: returns the run folder, the saved student folder and the summary."""
     recipe.check_runnable()
-    accelerator = pick_accelerator(recipe)
+    check_trackers(recipe.training.report_to)  # a missing extra stops here, before any model loads
+    if recipe.report.enabled and recipe.report.tasks:
+        require_lm_eval()
+    accelerator = pick_accelerator(recipe, tracker_list(recipe, resume))
     if not accelerator.is_main_process:
         log = _silent  # one copy of each message, not one per process
     t, o = recipe.training, recipe.objective
@@ -42,26 +48,27 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     torch.manual_seed(t.seed)
     run = set_up(recipe, accelerator, out, checkpoint, log)
     state, device = run.state, accelerator.device
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    trackers = Trackers(accelerator, recipe)  # fed by metrics: the same events at the same steps
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process, sink=trackers.log)
     metrics.truncate_after(state.step)
     on_policy = OnPolicy(recipe, run.models.tokenizer, run.train_examples, device, accelerator.autocast)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # found without a host sync per step
-    window = LogWindow(device)
+    window = LogWindow(device, hidden=o.hidden.weight > 0)
     run_start = time.perf_counter() - state.elapsed_s
 
     progress = ProgressDisplay(t.steps, state.step, enabled=show_progress and accelerator.is_main_process)
-    with progress:
+    with progress, trackers:
         for step in range(state.step, t.steps):
             lr = learning_rate(recipe, step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batches, global_tokens = step_batches(run, recipe, step, on_policy, accelerator)
-            step_means, grad_norm = optimizer_step(run, recipe, batches, global_tokens, accelerator)  # (kd, ce)
-            mean_loss = o.kd_weight * step_means[0] + o.ce_weight * step_means[1]
+            step_means, grad_norm = optimizer_step(run, recipe, batches, global_tokens, accelerator)  # (kd, ce, hidden)
+            mean_loss = o.kd_weight * step_means[0] + o.ce_weight * step_means[1] + o.hidden.weight * step_means[2]
             bad = ~torch.isfinite(mean_loss)
             first_bad_step = torch.where(bad & (first_bad_step < 0), step + 1, first_bad_step)
             step_tokens = sum(int(b["attention_mask"].sum()) for b in batches) * run.world
-            window.add(torch.stack([mean_loss, step_means[0], step_means[1]]), step_tokens)
+            window.add(torch.cat([mean_loss[None], step_means]), step_tokens)
             state.step = step + 1
             state.tokens_seen += step_tokens
             state.loss_tokens_seen += global_tokens
@@ -80,6 +87,9 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
                 state.elapsed_s = time.perf_counter() - run_start
                 _save_checkpoint(run, out, t.keep_checkpoints, accelerator)
 
+    close_signal = getattr(run.teacher_signal, "close", None)  # a served teacher's connections and threads
+    if close_signal is not None:
+        close_signal()
     summary = {
         "steps": state.step,
         "tokens": state.tokens_seen,
@@ -89,19 +99,23 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
         "teacher_params": count_parameters(run.models.teacher) if run.models.teacher is not None else None,
         "final_eval": state.last_eval,
     }
+    if recipe.student.lora is not None:  # the saved student's size (merged), the adapter's and its settings
+        summary.update(lora.summary_fields(run.models.student, run.models.teacher, lora.base_location(recipe, out)))
     student_dir = out / "student"
     # Under FSDP the student's weights are shards: gather them (every rank takes part) for rank 0 to save.
     gathered = student_state(run.loss_module) if run.strategy == "fsdp" else None
     if accelerator.is_main_process:
         models = run.models
         save_student(models.student, models.tokenizer, recipe, summary, student_dir, gathered, saved_dtype(recipe))
+        if recipe.student.lora is not None:
+            lora.save_adapter(models.student, out / "adapter", lora.base_location(recipe, out), gathered)
         del models, gathered
     accelerator.wait_for_everyone()
     log(f"student written to {student_dir}")
     result = TrainResult(output_dir=out, student_dir=student_dir, summary=summary)
     # A run from a cache can still be reported on when the recipe names the teacher (it is loaded for the report).
     teacher_known = run.models.teacher is not None or (
-        recipe.teacher.cache is not None and recipe.teacher.path is not None
+        (recipe.teacher.cache is not None or recipe.teacher.endpoint is not None) and recipe.teacher.path is not None
     )
     if accelerator.is_main_process and recipe.report.enabled and teacher_known:
         # The report loads teacher and student again from disk (the student as saved): let go of the training
@@ -117,12 +131,13 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
 class LogWindow:
     """The steps since the last log line: their loss sums (on the device, no host sync per step), tokens and time."""
 
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros(3, device=device)  # loss, kd, ce sums over the window's steps
+    def __init__(self, device: torch.device, hidden: bool = False):
+        self.loss = torch.zeros(4, device=device)  # loss, kd, ce, hidden sums over the window's steps
+        self.hidden = hidden  # hidden-state distillation is on: log its term too
         self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
 
     def add(self, losses: torch.Tensor, tokens: int) -> None:
-        """One step: its (loss, kd, ce) means (3,) and the tokens it read (every rank's)."""
+        """One step: its (loss, kd, ce, hidden) means (4,) and the tokens it read (every rank's)."""
         self.loss += losses
         self.tokens += tokens
         self.steps += 1
@@ -137,6 +152,7 @@ class LogWindow:
             "loss": means[0],
             "kd_loss": means[1],
             "ce_loss": means[2],
+            **({"hidden_loss": means[3]} if self.hidden else {}),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": state.tokens_seen,
@@ -158,7 +174,9 @@ def _evaluate(run: Run, recipe: Recipe, accelerator, metrics: MetricsLog) -> dic
     if t.eval_batches:
         batches = (b for i, b in enumerate(batches) if i < t.eval_batches)
     with gathered_for_inference(run.loss_module):
-        result = evaluate_batches(student, run.models.teacher, batches, run.models.vocab_size, accelerator.device)
+        # A teacher with another tokenizer (objective.cross_tokenizer) cannot score the student's tokens: student only.
+        teacher = run.models.teacher if run.cross is None else None
+        result = evaluate_batches(student, teacher, batches, run.models.vocab_size, accelerator.device)
     student.train()
     event = {"event": "eval", "step": run.state.step, **{f"eval_{k}": v for k, v in result.items()}}
     metrics.write(event)
@@ -167,7 +185,8 @@ def _evaluate(run: Run, recipe: Recipe, accelerator, metrics: MetricsLog) -> dic
 
 def _save_checkpoint(run: Run, out: Path, keep: int, accelerator) -> None:
     """Every rank gathers the whole weights, AdamW moments and RNG states; rank 0 writes them."""
-    model_state, optimizer_state = full_state_dicts(run.loss_module, run.torch_optimizer)
+    # Frozen weights (a LoRA student's base) are rebuilt from their source on resume: only trained ones are saved.
+    model_state, optimizer_state = full_state_dicts(run.loss_module, run.torch_optimizer, trainable_only=True)
     rng_states = gather_objects(rng_state(), run.world)
     if accelerator.is_main_process:
         save_checkpoint(out / "checkpoints", model_state, optimizer_state, rng_states, run.state)
