@@ -9,4 +9,5 @@ output.py      what a run leaves: the saved student (`save_student`, `saved_dtyp
 parallel.py    DDP / FSDP2 strategies, sharding, no-sync, gradient clipping, whole state dicts
 checkpoint.py  resumable state: weights, AdamW moments, RNG states and counters, written atomically
 onpolicy.py    GKD: the student's own completions replace a share of the steps' data
+lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
 """

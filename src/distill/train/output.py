@@ -15,6 +15,7 @@ import torch
 from distill import atomic
 from distill.config import Recipe
 from distill.models import DTYPES, load_config, stored_dtype
+from distill.train.lora import is_lora, merged_state
 from distill.train.parallel import full_state_dicts
 
 
@@ -37,7 +38,10 @@ def save_student(
     """The final student: save_pretrained + tokenizer + recipe.yaml + summary.json, moved into place whole.
 
     `state_dict` replaces the model's own weights (gathered FSDP shards); weights are written in `dtype`, and
-    config.json says so (save_pretrained would record the in-memory float32)."""
+    config.json says so (save_pretrained would record the in-memory float32). A LoRA student (a PeftModel) is saved
+    with its adapter merged in, as a plain transformers model."""
+    if is_lora(model):
+        model, state_dict = merged_state(model, state_dict)
     tmp = atomic.fresh_tmp_folder(folder)
     state = _cast_state(state_dict if state_dict is not None else model.state_dict(), dtype)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state)

@@ -126,10 +126,11 @@ def clip_gradients(module: nn.Module, accelerator, max_norm: float, strategy: st
 # ---------------------------------------------------------------- state dicts
 
 
-def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None):
+def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool = False):
     """(model, optimizer) state dicts, whole, on CPU, keyed by parameter names; empty on ranks other than 0.
 
     Every rank must call this (FSDP gathers the shards). Works the same for a plain, DDP or FSDP2 module.
+    `trainable_only` leaves out frozen parameters (a LoRA student's base: checkpoints hold the adapter only).
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -137,21 +138,25 @@ def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None)
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     model_state = get_model_state_dict(module, options=options)
     optimizer_state = get_optimizer_state_dict(module, optimizer, options=options) if optimizer is not None else None
     return model_state, optimizer_state
 
 
 def load_full_state_dicts(module: nn.Module, optimizer, model_state: dict, optimizer_state: dict, world: int) -> None:
-    """Inverse of `full_state_dicts`; with several processes only rank 0 needs the dicts (it broadcasts them)."""
+    """Inverse of `full_state_dicts`; with several processes only rank 0 needs the dicts (it broadcasts them).
+
+    A module with frozen parameters (a LoRA student) loads a `trainable_only` state: its frozen ones stay as built.
+    """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    frozen = any(not p.requires_grad for p in module.parameters())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1, strict=not frozen)
     set_model_state_dict(module, model_state, options=options)
     set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
 
