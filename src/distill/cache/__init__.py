@@ -4,5 +4,6 @@ build.py      reads top to bottom: plan -> shards from the teacher -> manifest (
 format.py     the folder's files: shard names, safetensors layout, atomic writes, bit packing, quantization
 identity.py   who built it: tokenizer and teacher hashes, the teacher's file records
 generated.py  building from a `distill generate` file's stored top-k log-probs instead of running the teacher
+served.py     a teacher at teacher.endpoint: its prompt log-probs (vLLM's prompt_logprobs or echo), checked limits
 reader.py     reading it back: manifest, verification, sampled targets, `CacheReader` for training
 """

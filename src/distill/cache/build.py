@@ -47,7 +47,13 @@ from distill.cache.format import (
     id_bits,
     shard_name,
 )
-from distill.cache.generated import _check_generated_recipe, _generated_sha256, _read_generated, _write_generated_shards
+from distill.cache.generated import (
+    _check_generated_recipe,
+    _generated_sha256,
+    _read_generated,
+    _write_generated_shards,
+    write_top_k_shards,
+)
 from distill.cache.identity import (
     _known_teacher_files,
     _sha256_file,
@@ -56,6 +62,7 @@ from distill.cache.identity import (
     teacher_hash,
     tokenizer_hash,
 )
+from distill.cache.served import ServedTeacher, check_served_recipe
 from distill.data import Example, collate, data_fingerprint, forward_inputs, load_data, pad_id_of
 from distill.errors import DistillError
 from distill.losses.dense import IGNORE_INDEX
@@ -84,11 +91,15 @@ def _build_plan(
     vocab_size: int,
     known_files: dict | None = None,
     generated: dict | None = None,
+    served: dict | None = None,
 ) -> dict:
     """The build's plan. `generated` ({"file", "sha256", "stored_top_k"}) for cache.source=generated: the
-    teacher is then known by that file, and by teacher.path's hash only when the recipe names one."""
+    teacher is then known by that file, and by teacher.path's hash only when the recipe names one. `served`
+    (`ServedTeacher.identity` + how it was asked) for a teacher at teacher.endpoint: known by its model card."""
     t, d, c = recipe.teacher, recipe.data, recipe.cache
-    files = teacher_files(t.path, known_files) if t.path is not None else {}
+    if served is not None:
+        known_files = None
+    files = teacher_files(t.path, known_files) if t.path is not None and served is None else {}
     stores_top_k = c.representation in ("top_k", "both")
     stores_sampled = c.representation in ("sampled", "both")
     teacher = {
@@ -108,6 +119,10 @@ def _build_plan(
         teacher.update(dtype=None, model_name=t.model_name, generated=generated)
         top_k = min(c.top_k, generated["stored_top_k"])
         arrays = ["ids", "log_probs", "log_rest"]  # log Σ √p of the tail needs the full distribution
+    if served is not None:
+        # Only the server's top-k are known: no tail to draw from, no √p sum; teacher.path gave the tokenizer.
+        teacher = {"path": None, "revision": None, "dtype": None, "files": {}, **served}
+        tail_samples, arrays = 0, ["ids", "log_probs", "log_rest"]
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -132,8 +147,9 @@ def _build_plan(
         "tail_samples": tail_samples if stores_top_k and tail_samples else None,
         "sample_m": c.sample_m if stores_sampled else None,
         "precision": c.precision,
-        "seed": recipe.training.seed if generated is None else None,  # nothing is drawn from a generated file
-        "teacher_batch_size": c.batch_size if generated is None else None,
+        # Nothing is drawn from a generated file or a server's top-k; requests are one sequence each.
+        "seed": recipe.training.seed if generated is None and served is None else None,
+        "teacher_batch_size": c.batch_size if generated is None and served is None else None,
         "positions": "loss tokens only (labels != -100), in example order",
         "shards": _plan_shards(examples, c.shard_tokens),
     }
@@ -143,9 +159,11 @@ def _first_difference(before: dict, now: dict) -> str | None:
     """The recipe key (or identity) that makes an existing plan or manifest `before` differ from `now`."""
     planned = ("file", "first_example", "examples", "tokens")
     before = {**before, "shards": [{k: s.get(k) for k in planned} for s in before.get("shards", [])]}
-    # The teacher by content: its files' recorded mtimes may change (a copy, a touch) without changing it.
-    before["teacher"] = {k: v for k, v in before.get("teacher", {}).items() if k != "files"}
-    now = {**now, "teacher": {k: v for k, v in now.get("teacher", {}).items() if k != "files"}}
+    # The teacher by content: its files' recorded mtimes may change (a copy, a touch) without changing it, and a
+    # served teacher may move to another URL or be asked another way.
+    where = ("files", "endpoint", "logprobs_via", "tokenizer")
+    before["teacher"] = {k: v for k, v in before.get("teacher", {}).items() if k not in where}
+    now = {**now, "teacher": {k: v for k, v in now.get("teacher", {}).items() if k not in where}}
     if before.get("source", "teacher") != now.get("source", "teacher"):
         return "cache.source"
     if before["teacher"].get("generated") != now["teacher"].get("generated"):
@@ -308,23 +326,29 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
 
 
 def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
-    from distill.models import check_vocabulary, load_model, load_tokenizer, resolve_dtype
+    from distill.models import load_tokenizer
 
     t, c = recipe.teacher, recipe.cache
     from_file = c.source == "generated"
-    if t.path is None and not from_file:
-        raise DistillError("recipe key teacher.path: `distill cache` runs the teacher, so it needs teacher.path")
+    from_server = t.endpoint is not None and not from_file  # the served teacher, as for `distill generate`
+    if t.path is None and not from_file and not from_server:
+        raise DistillError(
+            "recipe key teacher.path: `distill cache` runs the teacher, so it needs teacher.path (or teacher.endpoint)"
+        )
     if recipe.data.train is None:
         raise DistillError("recipe key data.train: no training data given")
     if from_file:
         _check_generated_recipe(recipe)
-    # The tokenizer `distill train` will use; a generated file's ids are the teacher's, so a student folder's
-    # tokenizer is the last resort there (training checks that the tokenizers agree).
-    tokenizer_source = recipe.student.tokenizer or t.path or (recipe.student.path if from_file else None)
+    if from_server:
+        check_served_recipe(recipe)
+    # The tokenizer `distill train` will use; a generated file's or a server's ids are the teacher's, so a student
+    # folder's tokenizer is the last resort there (training checks that the tokenizers agree).
+    fallback = recipe.student.path if from_file or from_server else None
+    tokenizer_source = recipe.student.tokenizer or t.path or fallback
     if tokenizer_source is None:
+        what = "cache.source=generated" if from_file else "a cache from teacher.endpoint"
         raise DistillError(
-            "recipe key teacher.path: cache.source=generated needs the teacher's tokenizer; "
-            "set teacher.path or student.tokenizer"
+            f"recipe key teacher.path: {what} needs the teacher's tokenizer; set teacher.path or student.tokenizer"
         )
     tokenizer = load_tokenizer(tokenizer_source, "teacher", t.trust_remote_code, t.revision)
     examples, _ = load_data(recipe, tokenizer, log)
@@ -336,14 +360,60 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
         stored_k = _read_generated(recipe, tokenizer, examples, None).stored_k
         sha = _generated_sha256(recipe.data.train)
         generated = {"file": recipe.data.train, "sha256": sha, "stored_top_k": stored_k}
+    served = ServedTeacher(t, recipe.generate, tokenizer, min(c.top_k, vocab_size), log) if from_server else None
+    try:
+        identity = None
+        if served is not None:
+            served.check(examples)  # the server's limits, before anything is written
+            identity = {**served.identity(), "logprobs_via": served.mode, "tokenizer": tokenizer_source}
+        plan = _prepare_folder(recipe, root, tokenizer, examples, vocab_size, generated, identity, ranks, log)
+        if plan is None:
+            return root
+        missing = [i for i, s in enumerate(plan["shards"]) if not (root / s["file"]).exists()]
+        mine = missing[ranks.rank :: ranks.world]  # round-robin over the ranks; each shard is written by one
+        done = len(plan["shards"]) - len(missing)
+        if mine:
+            progress = log if show_progress else None
+            source = f" from {recipe.data.train}" if from_file else ""
+            if served is not None:
+                source = f" from {served.model_name} at {served.url} ({served.concurrency} requests at a time)"
+            log(
+                f"cache: {len(examples)} examples, {plan['data']['loss_tokens']} loss tokens, {len(plan['shards'])} "
+                "shards"
+                + (f" ({done} already written)" if done else "")
+                + (f", {ranks.world} processes" if ranks.world > 1 else "")
+                + source
+            )
+            if from_file:
+                _write_generated_shards(recipe, tokenizer, examples, plan, mine, root, progress)
+            elif served is not None:
+                wanted = [plan["shards"][i] for i in mine]
+                indices = [j for s in wanted for j in range(s["first_example"], s["first_example"] + s["examples"])]
+                write_top_k_shards(served.in_order(examples, indices), examples, plan, mine, root, progress)
+            else:
+                _write_teacher_shards(recipe, tokenizer, examples, plan, mine, root, ranks, done, progress)
+    finally:
+        if served is not None:
+            served.close()
+    ranks.barrier()  # every shard exists
 
+    if ranks.rank == 0:
+        _write_manifest(root, plan, c, vocab_size, log)
+    ranks.barrier()  # nobody returns before the manifest exists
+    return root
+
+
+def _prepare_folder(recipe, root: Path, tokenizer, examples, vocab_size, generated, served, ranks, log) -> dict | None:
+    """The plan, checked against what the folder already holds (None: the cache is complete), and the folder
+    ready for shards: the plan and the tokenizer written, a killed run's temporary files removed."""
+    t = recipe.teacher
     # Every rank reads the folder before anyone writes to it, so all of them decide the same way.
     existing = {}
     for name in (MANIFEST, PLAN):
         if (root / name).exists():
             existing[name] = json.loads((root / name).read_text(encoding="utf-8"))
     known = next((_known_teacher_files(m, t.path) for m in existing.values()), None) if t.path else None
-    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known, generated)
+    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known, generated, served)
     for name, what in ((MANIFEST, "a finished"), (PLAN, "an unfinished")):
         if name in existing:
             difference = _first_difference(existing[name], plan)
@@ -354,7 +424,7 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
                 )
     if MANIFEST in existing:
         log(f"cache {root} is already complete ({plan['data']['loss_tokens']} tokens)")
-        return root
+        return None
     ranks.barrier()  # everyone has looked; now rank 0 may write
     if ranks.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -364,35 +434,24 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
             atomic.write_json(root / PLAN, plan)
         _save_tokenizer(tokenizer, root)
     ranks.barrier()
+    return plan
 
-    missing = [i for i, s in enumerate(plan["shards"]) if not (root / s["file"]).exists()]
-    mine = missing[ranks.rank :: ranks.world]  # round-robin over the ranks; each shard is written by one
-    done = len(plan["shards"]) - len(missing)
-    if mine and from_file:
-        log(f"cache: {len(examples)} examples, {plan['data']['loss_tokens']} loss tokens from {recipe.data.train}")
-        _write_generated_shards(recipe, tokenizer, examples, plan, mine, root, log if show_progress else None)
-    elif mine:
-        device = pick_device(recipe.training.device, "recipe key training.device", ranks.local_rank)
-        teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
-        teacher.eval().requires_grad_(False).to(device)
-        check_vocabulary(tokenizer, teacher, None)
-        log(
-            f"cache: {len(examples)} examples, {plan['data']['loss_tokens']} loss tokens, {len(plan['shards'])} shards"
-            + (f" ({done} already written)" if done else "")
-            + (f", {ranks.world} processes" if ranks.world > 1 else "")
-        )
-        pad_id = pad_id_of(tokenizer)
-        for n, i in enumerate(mine, 1):
-            arrays = _shard_arrays(teacher, examples, plan, i, pad_id, device)
-            atomic.write_bytes(root / plan["shards"][i]["file"], _encode_safetensors(arrays))
-            if show_progress:
-                log(f"cache: shard {done + n * ranks.world}/{len(plan['shards'])} written")
-    ranks.barrier()  # every shard exists
 
-    if ranks.rank == 0:
-        _write_manifest(root, plan, c, vocab_size, log)
-    ranks.barrier()  # nobody returns before the manifest exists
-    return root
+def _write_teacher_shards(recipe, tokenizer, examples, plan: dict, mine, root: Path, ranks, done, progress) -> None:
+    """Shards `mine` from the local teacher (teacher.path), loaded here on this rank's device."""
+    from distill.models import check_vocabulary, load_model, resolve_dtype
+
+    t = recipe.teacher
+    device = pick_device(recipe.training.device, "recipe key training.device", ranks.local_rank)
+    teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
+    teacher.eval().requires_grad_(False).to(device)
+    check_vocabulary(tokenizer, teacher, None)
+    pad_id = pad_id_of(tokenizer)
+    for n, i in enumerate(mine, 1):
+        arrays = _shard_arrays(teacher, examples, plan, i, pad_id, device)
+        atomic.write_bytes(root / plan["shards"][i]["file"], _encode_safetensors(arrays))
+        if progress is not None:
+            progress(f"cache: shard {done + n * ranks.world}/{len(plan['shards'])} written")
 
 
 def _write_manifest(root: Path, plan: dict, c, vocab_size: int, log: Callable[[str], None]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -147,9 +147,15 @@ def _row_top_k(
         rows_lp.append([values[j] for j in order])
     width = 0 if stored_k is None else stored_k if keep is None else min(keep, stored_k)
     lp = np.asarray(rows_lp, dtype=np.float64).reshape(len(rows_lp), width)  # (n, w)
-    rest = np.log(np.maximum(1.0 - np.exp(lp).sum(-1), _REST_FLOOR))  # (n,) log(1 − Σ p), clamped
     ids_out = np.asarray(rows_ids, dtype=np.int64).reshape(len(rows_ids), width)  # (n, w)
-    return ids_out, lp.astype(np.float32), rest.astype(np.float32), stored_k
+    return ids_out, lp.astype(np.float32), log_rest_of(lp), stored_k
+
+
+def log_rest_of(log_probs: np.ndarray) -> np.ndarray:
+    """(n, k) top-k log-probs -> (n,) float32 log(1 − Σ p) of the mass outside them, clamped at `_REST_FLOOR`
+    (summed in float64: the top-k of a peaked teacher leave a rest far below float32's resolution of 1)."""
+    lp = np.asarray(log_probs, dtype=np.float64)
+    return np.log(np.maximum(1.0 - np.exp(lp).sum(-1), _REST_FLOOR)).astype(np.float32)
 
 
 class _GeneratedTargets:
@@ -207,14 +213,29 @@ def _write_generated_shards(
 ) -> None:
     """Write shards `mine` of the plan from the generated file: one pass over it, one shard in memory at a time.
     Every array is a pure function of the file and the plan, so a resumed build is byte-identical."""
-    k, precision = plan["top_k"], plan["precision"]
+    write_top_k_shards(_GeneratedTargets(recipe, tokenizer, examples, plan["top_k"]), examples, plan, mine, root, log)
+
+
+def write_top_k_shards(
+    rows: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
+    examples: Sequence[Example],
+    plan: dict,
+    mine: Sequence[int],
+    root: Path,
+    log,
+) -> None:
+    """Write shards `mine` of a top-k plan without a teacher's full distribution (a generated file, a server's
+    prompt log-probs): `rows` yields (example index, ids (n, k), log-probs (n, k), log rest (n,)) for every
+    example of those shards, in example order (others are skipped). One shard is in memory at a time; every array
+    is a pure function of the rows and the plan, so a resumed build is byte-identical."""
+    precision = plan["precision"]
     id_dtype, bits = np.dtype(plan["id_dtype"]), plan.get("id_bits")
     firsts = np.array([s["first_example"] for s in plan["shards"]], dtype=np.int64)
     last_example = {s["first_example"] + s["examples"] - 1: i for i, s in enumerate(plan["shards"])}
     wanted = set(mine)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     written = 0
-    for j, ids, lp, rest in _GeneratedTargets(recipe, tokenizer, examples, k):
+    for j, ids, lp, rest in rows:
         index = int(np.searchsorted(firsts, j, side="right")) - 1
         if index not in wanted:
             continue

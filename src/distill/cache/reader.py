@@ -278,7 +278,8 @@ def open_cache_for_training(
     # Re-hashes only weight files whose size or mtime differ from the build's record (see `teacher_files`).
     known = _known_teacher_files(manifest, t.path) if t.path is not None else None
     recorded = manifest["teacher"].get("hash")  # None: a cache built from a generated file naming no teacher
-    if t.path is not None and recorded is not None:
+    served = "endpoint" in manifest["teacher"]  # known by its server's model card; teacher.path gave the tokenizer
+    if t.path is not None and recorded is not None and not served:
         files = teacher_files(t.path, known) if Path(t.path).is_dir() else None
         if recorded != teacher_hash(t.path, t.revision, files):
             raise DistillError(f"{where}: built with a different teacher than teacher.path {t.path}")

@@ -53,6 +53,15 @@ def backoff_seconds(attempt: int, base_s: float, rng: random.Random) -> float:
     return base_s * (2**attempt) * rng.uniform(0.5, 1.5)
 
 
+class EndpointRefused(DistillError):
+    """A request the server refused (a 4xx other than 429): retrying it would only repeat the error. `status` and
+    `detail` (the server's own message) let a caller react to a known refusal (an unsupported parameter)."""
+
+    def __init__(self, message: str, status: int, detail: str):
+        super().__init__(message)
+        self.status, self.detail = status, detail
+
+
 def _error_message(response) -> str:
     """The server's own explanation of an error, on one line (OpenAI shape, FastAPI shape, or plain text)."""
     message = None
@@ -127,9 +136,10 @@ class EndpointClient:
         return self.request("POST", path, body)
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """Send one request, retrying transient failures; return the JSON answer (an object)."""
+        """Send one request, retrying transient failures; return the JSON answer (an object). `path` is relative
+        to the base URL, or a whole URL (vLLM's /tokenize lives at the server's root, not under /v1)."""
         httpx = _httpx()
-        url = f"{self.base_url}{path}"
+        url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         for attempt in range(self.max_retries + 1):
             wait = None
             try:
@@ -151,7 +161,8 @@ class EndpointClient:
                     return answer
                 if status != 429 and status < 500:
                     hint = " (is teacher.endpoint the base URL, ending in /v1?)" if status == 404 else ""
-                    raise DistillError(f"endpoint {url} answered {status}: {_error_message(response)}{hint}")
+                    detail = _error_message(response)
+                    raise EndpointRefused(f"endpoint {url} answered {status}: {detail}{hint}", status, detail)
                 reason = f"HTTP {status} ({_error_message(response)})"
                 wait = retry_after_seconds(response.headers.get("retry-after"))
             if attempt == self.max_retries or self.stopping.is_set():

@@ -3,8 +3,12 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions`` with the OpenAI request
 and response shapes (``max_tokens``, ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``; ``logprobs`` as an
 int on completions and ``logprobs`` + ``top_logprobs`` on chat; ``echo`` + ``logprobs`` for the prompt's own
-log-probs; vLLM's ``top_k`` and ``return_tokens_as_token_ids`` extensions). Log-probs are the model's raw ones at
-temperature 1, as vLLM reports them. Bad requests get a 400 in OpenAI's error shape.
+log-probs; prompts as text or token ids; vLLM's ``top_k``, ``return_tokens_as_token_ids`` and ``prompt_logprobs``
+extensions), and vLLM's ``POST /tokenize``. Log-probs are the model's raw ones at temperature 1, as vLLM reports
+them; ``prompt_logprobs: k`` answers in vLLM's shape: per prompt position (None for the first) a dict
+``{"id": {"logprob", "rank", "decoded_token"}}`` of the prompt's own token (its rank in the vocabulary) and the top
+k (ranks 1..k), k or k + 1 entries. At most 20 log-probs per token, vLLM's default ``--max-logprobs``. Bad requests
+get a 400 in OpenAI's error shape.
 
 This is a reference server: it lets a teacher live on another machine and lets the HTTP path of
 `distill generate` be tested against a real server. It runs one generation at a time. For production throughput
@@ -28,6 +32,8 @@ from distill.errors import DistillError
 from distill.generate.local import Completion, sample_completions
 from distill.models import pick_device
 
+# Log-probs per token a request may ask for: vLLM's default --max-logprobs.
+MAX_LOGPROBS = 20
 PRODUCTION_NOTE = "a reference server, one request at a time: for production, point teacher.endpoint at vLLM or SGLang"
 
 
@@ -67,8 +73,17 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extension")
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
 
 
 class ChatMessage(BaseModel):
@@ -147,16 +162,18 @@ class ServedModel:
     @torch.no_grad()
     def prompt_logprobs(
         self, ids: list[int], k: int
-    ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
-        """Log-prob of each prompt token given the ones before it (None for the first), and the top k there."""
+    ) -> tuple[list[float | None], list[list[tuple[int, float]] | None], list[int | None]]:
+        """Log-prob of each prompt token given the ones before it (None for the first), the top k there, and the
+        token's rank in the vocabulary (vLLM's: how many tokens are at least as likely, itself included)."""
         with self.lock:
             device = next(self.model.parameters()).device
             logits = self.model(torch.tensor([ids], device=device)).logits[0, :, : self.vocab]  # (T, V)
             lp = torch.log_softmax(logits.float(), dim=-1)[:-1]  # (T-1, V): row i predicts token i+1
-            chosen = lp.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()  # (T-1,)
+            chosen = lp.gather(1, torch.tensor(ids[1:], device=device)[:, None])  # (T-1, 1)
+            ranks = (lp >= chosen).sum(-1).tolist()  # (T-1,)
             values, indices = lp.topk(min(max(k, 1), self.vocab), dim=-1)  # (T-1, k)
         tops = [list(zip(i, v, strict=True))[:k] for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
-        return [None, *chosen], [None, *tops]
+        return [None, *chosen[:, 0].tolist()], [None, *tops], [None, *ranks]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -187,6 +204,22 @@ def _completion_logprobs(served: ServedModel, ids, chosen, tops, k: int, as_ids:
     return {"tokens": tokens, "token_logprobs": list(chosen), "top_logprobs": top_dicts, "text_offset": offsets}
 
 
+def _vllm_prompt_logprobs(served: ServedModel, ids, chosen, tops, ranks, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` of a prompt: per position the prompt's own token first (its vocabulary rank), then
+    the top k (ranks 1..k); the token, when among them, keeps its first place with the top-k entry's values."""
+
+    def entry(token: int, lp: float, rank: int) -> dict:
+        return {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": served.tokenizer.decode([token])}
+
+    out: list[dict | None] = [None]
+    for token, lp, top, rank in zip(ids[1:], chosen[1:], tops[1:], ranks[1:], strict=True):
+        position = {str(token): entry(token, lp, rank)}
+        for r, (i, v) in enumerate(top[:k], 1):
+            position[str(i)] = entry(i, v, r)
+        out.append(position)
+    return out
+
+
 def completions(served: ServedModel, request: CompletionRequest) -> dict:
     served.check_model(request.model)
     if request.stream:
@@ -206,11 +239,17 @@ def completions(served: ServedModel, request: CompletionRequest) -> dict:
     if request.max_tokens == 0 and not request.echo:
         raise BadRequest("max_tokens=0 only makes sense with echo=true", "max_tokens")
     k = request.logprobs
+    # As vLLM: echo with logprobs brings the prompt's log-probs at the same k.
+    prompt_k = request.prompt_logprobs if request.prompt_logprobs is not None or not request.echo else k
     results = served.sample(prompt_ids, request, request.max_tokens, k)
     choices = []
     for p, (text_in, ids) in enumerate(zip(prompt, prompt_ids, strict=True)):
         prompt_text = text_in if isinstance(text_in, str) else served.tokenizer.decode(ids)
-        echo_lp = served.prompt_logprobs(ids, k) if request.echo and k is not None else None
+        scored = None
+        if prompt_k is not None or (request.echo and k is not None):
+            scored = served.prompt_logprobs(ids, max(prompt_k or 0, k or 0))  # (chosen, tops, ranks)
+        echo_lp = scored[:2] if request.echo and k is not None else None
+        prompt_lp = None if prompt_k is None else _vllm_prompt_logprobs(served, ids, *scored, prompt_k)
         for j, c in enumerate(results[p]):
             text = (prompt_text if request.echo else "") + c.text
             logprobs = None
@@ -224,7 +263,13 @@ def completions(served: ServedModel, request: CompletionRequest) -> dict:
                     head = _completion_logprobs(served, ids, echo_lp[0], echo_lp[1], k, as_ids, 0)
                     logprobs = {key: head[key] + logprobs[key] for key in logprobs}
             choices.append(
-                {"index": p * request.n + j, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+                {
+                    "index": p * request.n + j,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "prompt_logprobs": prompt_lp,
+                }
             )
     completion_tokens = sum(len(c.token_ids) for r in results for c in r)
     return {
@@ -335,6 +380,13 @@ def create_app(served: ServedModel):
     def post_completions(request: CompletionRequest) -> dict:
         with served.lock:
             return completions(served, request)
+
+    @app.post("/tokenize")
+    def post_tokenize(request: TokenizeRequest) -> dict:
+        served.check_model(request.model)
+        with served.lock:
+            tokens = list(served.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"])
+        return {"count": len(tokens), "max_model_len": served.context, "tokens": tokens, "token_strs": None}
 
     @app.post("/v1/chat/completions")
     def post_chat(request: ChatRequest) -> dict:

@@ -10,4 +10,5 @@ parallel.py    DDP / FSDP2 strategies, sharding, no-sync, gradient clipping, who
 checkpoint.py  resumable state: weights, AdamW moments, RNG states and counters, written atomically
 onpolicy.py    GKD: the student's own completions replace a share of the steps' data
 lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
+served.py      a teacher at teacher.endpoint: each micro-batch's sparse targets from its server, asked a step ahead
 """
