@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from distill import atomic
@@ -10,11 +11,13 @@ from distill import atomic
 
 class MetricsLog:
     """Append-only event log. On resume, events after the checkpoint's step are dropped so they are not
-    reported twice when the resumed run redoes those steps."""
+    reported twice when the resumed run redoes those steps. `sink` (the experiment trackers) receives every event
+    written, so trackers and the file hold the same numbers at the same steps."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, sink: Callable[[dict], None] | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.sink = sink
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -27,6 +30,8 @@ class MetricsLog:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
+        if self.sink is not None:
+            self.sink(event)
 
 
 def _step_of(line: str) -> int:

@@ -10,4 +10,5 @@ retention.py   retention and speed-up: each model's numbers divided by the teach
 speed.py       prefill and decode tokens/s, weight bytes and size on disk
 render.py      report.json / report.md / report.html and the PNG plots
 judging.py     the tables and chart of the draft, difficulty and failure-mode sections
+tasks.py       lm-eval-harness tasks (extra [tasks]) on each loaded model: score and retention per task
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 from distill import atomic
 from distill.metrics import read_metrics
 from distill.report.judging import difficulty_figure, judging_tables
+from distill.report.tasks import task_tables
 
 RETENTION_PNG = "retention.png"
 CURVES_PNG = "training_curves.png"
@@ -159,7 +160,7 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(
             ("Spread of KL(teacher ‖ model) over tokens (nats)", ["model", "p50", "p90", "p99", "max"], spread_rows)
         )
-    return tables + judging_tables(report)
+    return tables + judging_tables(report) + task_tables(report)
 
 
 def _divergent_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
