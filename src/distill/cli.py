@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     evaluate.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     evaluate.add_argument("--no-draft", action="store_true", help="skip measuring the models as the teacher's drafts")
+    evaluate.add_argument(
+        "--tasks", metavar="A,B", help="lm-eval-harness tasks (names or task .yaml files) run on every model"
+    )
+    evaluate.add_argument("--tasks-limit", type=int, metavar="N", help="at most N documents per lm-eval task")
     evaluate.add_argument("--quick", action="store_true", help="fewer timing runs and at most 64 examples")
     evaluate.add_argument("--speed-runs", type=int, help="timing repetitions (median is reported)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -165,6 +169,8 @@ def _command_eval(args) -> int:
         speed=not args.no_speed,
         speed_settings=settings,
         draft=not args.no_draft,
+        tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()],
+        tasks_limit=args.tasks_limit,
         device=args.device,
         dtype=args.dtype,
         show_progress=not args.quiet,

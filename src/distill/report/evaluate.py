@@ -40,6 +40,8 @@ from distill.report.generation import eval_prompts, exact_match, read_generation
 from distill.report.quality import counted_bytes, score_pass, summarize
 from distill.report.retention import retention_of, speedup_of
 from distill.report.speed import SpeedSettings, measure_speed, model_device, size_on_disk
+from distill.report.tasks import DEFINITION as TASKS_DEFINITION
+from distill.report.tasks import TaskSuite, prepare_tasks, run_tasks, task_report
 from distill.sampling import eos_ids
 
 
@@ -107,6 +109,7 @@ DEFINITIONS = {
     "CUDA max_memory_allocated above the start, or on CPU sampled RSS above the start (approximate)",
     "size_on_disk_bytes": "sum of the weight files (.safetensors, .bin, ...) in the model folder",
     "exact_match": "greedy decoding from the prompt; stripped, whitespace-collapsed output equals the answer",
+    "tasks": TASKS_DEFINITION,
     "draft_acceptance_rate": "the model as the teacher's draft in greedy assisted generation (transformers, batch 1, "
     "draft.draft_tokens proposed per round) on draft.prompts eval prompts: accepted ÷ proposed draft tokens, as "
     "counted by transformers' own candidate generator",
@@ -151,6 +154,7 @@ class _EvalData:
     failure_settings: FailureSettings | None = None
     failure_prompts: list[list[int]] | None = None
     section_s: dict | None = None  # seconds spent on the draft and failure-mode generations
+    tasks: TaskSuite | None = None  # lm-eval tasks run on every model (report.tasks)
 
 
 def evaluate_models(
@@ -175,6 +179,8 @@ def evaluate_models(
     draft: bool = True,
     draft_settings: DraftSettings | None = None,
     failure_settings: FailureSettings | None = None,
+    tasks: Sequence[str] = (),
+    tasks_limit: int | None = None,
 ) -> dict:
     """Evaluate the teacher and every model on the same held-out data; write the report into `out_dir`.
 
@@ -195,6 +201,7 @@ def evaluate_models(
 
     `draft` measures every model as the teacher's speculative-decoding draft (`DraftSettings`: prompts, lengths);
     `failure_settings` sets the greedy generations behind the failure modes (prompts=0: none, calibration only).
+    `tasks` (lm-eval names or task YAML files, `tasks_limit` documents each) run on every model: report["tasks"].
     """
     teacher_spec, specs = _model_specs(teacher_dir, models, dtype, device)
     if batch_size < 1 or (max_length is not None and max_length < 2):
@@ -203,6 +210,7 @@ def evaluate_models(
         max_length = _shortest_context((teacher_spec, *specs))
     evaluation = _eval_data(teacher_spec, specs, data, max_length, max_rows, generation, generation_extra_tokens, log)
     _judging_prompts(evaluation, (draft_settings or DraftSettings()) if draft else None, failure_settings)
+    evaluation.tasks = prepare_tasks(tasks, tasks_limit, batch_size)  # checked before any model runs
     settings = (speed_settings or SpeedSettings()) if speed else None
 
     teacher = _load(teacher_spec)
@@ -215,6 +223,8 @@ def evaluate_models(
     )
     report = _report({"teacher": {**teacher_quality, **teacher_cost}, **results}, evaluation, data, generation)
     report["by_difficulty"] = difficulty
+    if evaluation.tasks is not None:
+        report["tasks"] = task_report(report["models"])
     if out_dir is not None:
         from distill.report.render import write_report
 
@@ -341,6 +351,8 @@ def _cost(model, spec: ModelSpec, vocab_size: int, evaluation: _EvalData, settin
         evaluation.failure_settings,
     )
     evaluation.section_s["failure_generations"] += time.perf_counter() - start
+    if evaluation.tasks is not None:
+        result["tasks"] = run_tasks(model, evaluation.tokenizer, evaluation.tasks, spec.name, log)
     if evaluation.generation_rows is not None:
         result.update(
             exact_match(

@@ -11,4 +11,5 @@ checkpoint.py  resumable state: weights, AdamW moments, RNG states and counters,
 onpolicy.py    GKD: the student's own completions replace a share of the steps' data
 lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
 served.py      a teacher at teacher.endpoint: each micro-batch's sparse targets from its server, asked a step ahead
+trackers.py    training.report_to: TensorBoard / W&B / MLflow / Trackio fed the metrics.jsonl events (resumable)
 """
