@@ -231,7 +231,7 @@ def test_step_loss_on_samples_is_the_loss_library_on_the_sampled_tokens(
     vocab = len(tokenizer)
     models = Models(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab)
     loss_module = StudentLoss(student, r.objective, vocab, output_head(teacher) if fused else None)
-    loss, kd_sum, _ = step_loss(loss_module, models, batch, r, float(counted.sum()), None)
+    loss, kd_sum, *_ = step_loss(loss_module, models, batch, r, float(counted.sum()), None)
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():

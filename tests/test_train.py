@@ -174,8 +174,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
 
     def poisoned(*args):
         calls["n"] += 1
-        loss, kd, ce = real(*args)
-        return (loss * float("nan"), kd * float("nan"), ce) if calls["n"] == 3 else (loss, kd, ce)
+        loss, kd, ce, hidden = real(*args)
+        return (loss * float("nan"), kd * float("nan"), ce, hidden) if calls["n"] == 3 else (loss, kd, ce, hidden)
 
     monkeypatch.setattr(step_module, "step_loss", poisoned)
     content = recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", training={"steps": 6})

@@ -5,6 +5,7 @@ dense.py          per-token divergences (forward/reverse KL, JSD, skew KL, TVD),
 sparse.py         the same objectives against stored top-k / sampled teacher targets with a tail (offline cache)
 heads.py          a causal LM's output head (bias, soft-capping, logit scale) and its backbone's hidden states
 fused.py          chunked head + divergence + gradient: never builds (tokens x vocabulary) logits
+hidden.py         hidden-state distillation (TinyBERT / DistillKit): layer pairs, cosine / MSE per token, projections
 token_metrics.py  evaluation sums (CE, KL, agreement, top-1) through the same chunked head path
 
 `from distill.losses import distillation_loss` is the public entry point (see the README's Python section).

@@ -103,16 +103,21 @@ def backbone(model: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find the backbone of {type(model).__name__}")
 
 
+def backbone_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """The backbone's output of a causal LM, without its logits: `.last_hidden_state` (B, T, H) and, with
+    `output_hidden_states=True`, `.hidden_states` (L + 1 tensors (B, T, H): the embeddings, then each layer's output).
+
+    Extra keyword arguments (position_ids, output_hidden_states, ...) go to the backbone unchanged.
+    """
+    kwargs.setdefault("use_cache", False)  # whole sequences, no cache to keep (`forward_inputs` passes it too)
+    return backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
 def backbone_hidden_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
 ) -> torch.Tensor:
-    """Last hidden states of a causal LM without computing its logits. (B, T) -> (B, T, H).
-
-    Extra keyword arguments (position_ids, ...) go to the backbone unchanged.
-    """
-    kwargs.setdefault("use_cache", False)  # whole sequences, no cache to keep (`forward_inputs` passes it too)
-    outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return outputs.last_hidden_state
+    """Last hidden states of a causal LM without computing its logits. (B, T) -> (B, T, H)."""
+    return backbone_outputs(model, input_ids, attention_mask, **kwargs).last_hidden_state
 
 
 @torch.no_grad()

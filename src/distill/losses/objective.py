@@ -1,4 +1,4 @@
-"""One objective value: which divergence, its coefficients, the temperature and the two terms' weights.
+"""One objective value: which divergence, its coefficients, the temperature and the terms' weights.
 
 Every function of `distill.losses` whose result depends on the objective (dense, sparse and fused paths alike)
 takes one `Objective` instead of loose keywords; only the public `distillation_loss` keeps plain keywords and builds
@@ -12,11 +12,13 @@ import math
 from dataclasses import dataclass
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+HIDDEN_LOSSES = ("cosine", "mse")  # see distill.losses.hidden
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What the student is trained to minimize: kd_weight · divergence(P_t, P_s) · τ² + ce_weight · CE(labels).
+    """What the student is trained to minimize: kd_weight · divergence(P_t, P_s) · τ² + ce_weight · CE(labels)
+    + hidden_weight · hidden-state loss (`distill.losses.hidden`; its layer pairs come with the models).
 
     divergence   one of `DIVERGENCES` (see `distill.losses.dense` for the definitions and papers)
     beta (β)     jsd only: the mixture weight of the student; 0 = forward_kl, 1 = reverse_kl, 0.5 = symmetric JSD
@@ -27,6 +29,8 @@ class Objective:
                  is always at τ = 1
     kd_weight    weight of the divergence term; 0 = train on hard labels only
     ce_weight    weight of the hard-label cross-entropy term; 0 = pure distillation
+    hidden_weight  weight of the hidden-state term; 0 = none (the default)
+    hidden_loss  cosine | mse: the hidden-state term's per-token loss
     """
 
     divergence: str = "forward_kl"
@@ -35,6 +39,8 @@ class Objective:
     temperature: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_loss: str = "cosine"
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -46,6 +52,10 @@ class Objective:
             raise ValueError(f"skew must be in [0, 1), got {self.skew}")
         if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(
+                f"unknown hidden-state loss {self.hidden_loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}"
+            )
 
     @classmethod
     def from_config(cls, section) -> Objective:
@@ -57,6 +67,8 @@ class Objective:
             temperature=section.temperature,
             kd_weight=section.kd_weight,
             ce_weight=section.ce_weight,
+            hidden_weight=section.hidden.weight,
+            hidden_loss=section.hidden.loss,
         )
 
     @property
