@@ -66,6 +66,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def attn_implementation(name: str, device: torch.device, key: str) -> str | None:
+    """transformers' `attn_implementation` for a recipe value (None = its own default), checked for `device`.
+
+    flash_attention_2 needs the flash_attn package and a CUDA GPU; asked for elsewhere it is the user's mistake,
+    refused here in one line naming `key` rather than by transformers in a traceback at load or at the first step.
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise DistillError(f"{key}: {name!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if device.type != "cuda":
+            raise DistillError(f"{key}: flash_attention_2 runs on CUDA GPUs only, not on {device}; use sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise DistillError(f"{key}: flash_attention_2 needs the flash_attn package (pip install flash-attn)")
+    return None if name == "auto" else name
+
+
 def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).exists()
 
@@ -100,8 +121,12 @@ def load_model(
     dtype: torch.dtype,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    attn_implementation: str | None = None,
 ):
-    """A causal LM from a local folder or hub id, from safetensors weights only (no pickle)."""
+    """A causal LM from a local folder or hub id, from safetensors weights only (no pickle).
+
+    `attn_implementation`: transformers' name (sdpa, eager, flash_attention_2) or None for its default; see
+    `attn_implementation()` for the recipe value."""
     from transformers import AutoModelForCausalLM
 
     if _looks_local(source):
@@ -110,8 +135,9 @@ def load_model(
         if not any(folder.glob("*.safetensors")):
             raise DistillError(f"{role} folder {source} has no .safetensors weights (pickle weights are not loaded)")
     try:
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True
+            source, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True, **extra
         )
     except OSError as e:
         raise DistillError(f"cannot load {role} model from {source}: {str(e).splitlines()[0]}") from None
@@ -120,7 +146,14 @@ def load_model(
     return model
 
 
-def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype, seed: int, tokenizer=None):
+def new_model_from_config(
+    config_dict: dict,
+    vocab_size: int,
+    dtype: torch.dtype,
+    seed: int,
+    tokenizer=None,
+    attn_implementation: str | None = None,
+):
     """A randomly initialized causal LM from a transformers config dict (needs `model_type`).
 
     With `tokenizer`, bos/eos/pad ids the dict does not set come from it, in the config and in the model's
@@ -150,7 +183,8 @@ def new_model_from_config(config_dict: dict, vocab_size: int, dtype: torch.dtype
         )
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     except CONFIG_ERRORS as e:
         raise DistillError(f"recipe key student.config: {str(e).splitlines()[0]}") from None
     if tokenizer is not None and model.generation_config is not None:

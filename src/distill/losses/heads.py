@@ -132,10 +132,23 @@ def verify_output_head(
 
     Meant to run once on a few tokens before training with the fused loss, so an architecture whose head
     post-processing `output_head` does not know about fails loudly instead of training on wrong logits.
+
+    One forward pass, not two: the backbone's hidden states are taken from inside the model's own forward (a hook
+    on `backbone(model)`), which is the module `backbone_hidden_states` calls. A forward pass of a model on a few
+    tokens costs what reading all its weights costs, so this halves the check (a fixed cost of every fused run).
+    A model whose forward does not go through its backbone exactly once is checked with a separate backbone call.
     """
     head = output_head(model) if head is None else head
-    expected = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()  # (B, T, V)
-    got = head.logits(backbone_hidden_states(model, input_ids, attention_mask)).float()  # (B, T, V)
+    seen = []
+    keep = lambda _module, _args, output: seen.append(getattr(output, "last_hidden_state", None))  # noqa: E731
+    hook = backbone(model).register_forward_hook(keep)
+    try:
+        expected = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    finally:
+        hook.remove()
+    once = len(seen) == 1 and seen[0] is not None
+    hidden = seen[0] if once else backbone_hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    got = head.logits(hidden).float()  # (B, T, V), expected too
     error = (got - expected).abs().max()
     scale = expected.abs().max().clamp_min(1e-6)
     if got.shape != expected.shape or not bool(error <= rtol * scale):

@@ -39,9 +39,11 @@ from distill.train.cross import cross_objective, open_cross_tokenizer
 from distill.train.lora import BaseView, add_adapter, is_base_view, shares_teacher
 from distill.train.parallel import load_full_state_dicts, pick_strategy, shard_student, shard_teacher
 from distill.train.step import StudentLoss, hidden_layer_pairs
+from distill.train.teachers import check_recipe as check_teachers_recipe
+from distill.train.teachers import models_view, open_teachers
 
 # Recipe sections whose change makes a checkpoint meaningless for this run.
-_RESUME_SENSITIVE = ("teacher", "student", "data", "objective")
+_RESUME_SENSITIVE = ("teacher", "teachers", "student", "data", "objective")
 # Training keys that shape the weights: the learning-rate schedule (steps, warm-up, decay), the data order, the
 # update itself. The rest (device, distributed, log/eval/save intervals, checkpoints kept) may change on resume.
 _RESUME_SENSITIVE_TRAINING = (
@@ -88,12 +90,20 @@ def set_up(recipe: Recipe, accelerator, out: Path, checkpoint: Path | None, log)
     student_init = build_student_init(recipe, out, log)
     world, rank = accelerator.num_processes, accelerator.process_index
     strategy = pick_strategy(t.distributed, world)
+    check_teachers_recipe(recipe, world)  # recipe key teachers: what several teachers cannot do
     # Under FSDP the teacher reaches the device only as shards: a teacher larger than one device still loads.
     shards_teacher = strategy == "fsdp" and t.shard_teacher
     teacher_device = pick_teacher_device(recipe, accelerator, shards_teacher)
-    models = load_models(recipe, accelerator.device, student_init, log, teacher_device)
+    # Several teachers (recipe key teachers): the student and tokenizer here, each teacher in `open_teachers`.
+    models = load_models(
+        models_view(recipe) if recipe.teachers else recipe, accelerator.device, student_init, log, teacher_device
+    )
     train_examples, eval_examples = load_data(recipe, models.tokenizer, log)
-    teacher_signal = open_teacher_signal(recipe, models, train_examples, log)
+    if recipe.teachers:
+        teacher_signal = open_teachers(recipe, models, train_examples, accelerator.device, log)
+        teacher_heads(teacher_signal, models, recipe.objective.fused, train_examples[0].input_ids[:16])
+    else:
+        teacher_signal = open_teacher_signal(recipe, models, train_examples, log)
     cross = open_cross_tokenizer(recipe, models, train_examples, log)  # None unless objective.cross_tokenizer
     if recipe.objective.fused:
         probe = train_examples[0].input_ids[:16]
@@ -357,6 +367,15 @@ def open_teacher_signal(recipe: Recipe, models: Models, train_examples, log=prin
     return open_cache_for_training(recipe, models.tokenizer, train_examples, models.vocab_size)
 
 
+def teacher_heads(teachers, models: Models, fused: bool, probe: list[int]) -> None:
+    """Several teachers, fused path: each online teacher's head checked and lent to the loss where the student is."""
+    for t in teachers.teachers:
+        if fused and t.model is not None:
+            check_fused_heads(dataclasses.replace(models, teacher=t.model), probe)
+            device = next(models.student.parameters()).device
+            t.head = head_on(output_head(t.model), device)
+
+
 def pick_teacher_device(recipe: Recipe, accelerator, shards_teacher: bool) -> torch.device:
     """Where the teacher is loaded: teacher.device, or (auto) the training device; CPU while FSDP shards it."""
     requested = recipe.teacher.device
@@ -413,17 +432,28 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def compile_layers(model: torch.nn.Module) -> int:
-    """torch.compile each decoder layer's forward (the backbone's when no layer class is declared); returns how
-    many were compiled.
+    """torch.compile the compute of each decoder layer (its attention and MLP blocks); returns how many layers.
 
-    Layer by layer, as torchtune and torchtitan do: identical layers share one compiled graph (compile time does not
-    grow with depth), and module hooks (FSDP2's gathering, gradient checkpointing) stay outside the compiled code.
-    Parameter names do not change (`forward` is replaced in place, no wrapper module), so checkpoints are unaffected.
+    Layer by layer, as torchtune and torchtitan do, so that compile time does not grow with depth and module hooks
+    (FSDP2's gathering, DDP's) stay outside compiled code. Inside each layer it is the blocks that hold matrices
+    (attention, MLP), not the layer's own forward: transformers 5 wraps every layer class's forward in one shared
+    checkpointing function, and one code object for all layers of teacher and student (train, eval, no-grad
+    variants) overruns dynamo's recompile limit, after which it silently runs eager. The blocks' forwards are their
+    classes' own code, and the checkpointing wrapper and the norms stay eager around them. `forward` is replaced in
+    place (no wrapper module), so parameter names and checkpoints are unchanged. Without declared layer classes the
+    backbone's forward is compiled whole.
     """
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names] or [backbone(model)]
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        block = backbone(model)
+        block.forward = torch.compile(block.forward, dynamic=True)
+        return 1
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)
+        for block in layer.children():
+            if any(p.ndim >= 2 for p in block.parameters()):  # attention and MLP; norms stay eager
+                # dynamic: sequence lengths change from batch to batch; one graph instead of one per length.
+                block.forward = torch.compile(block.forward, dynamic=True)
     return len(layers)
 
 
