@@ -92,7 +92,7 @@ def byte_level_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>")
 
 
-def sentencepiece_tokenizer(merges: int = 120):
+def sentencepiece_tokenizer(merges: int = 90):
     """Llama-2-style BPE trained on MULTILINGUAL: ▁ for spaces with a dummy prefix, <0xNN> byte fallback for what
     its small alphabet lacks, `<s>` written before every text; `<unk>`, `<s>`, `</s>` are ids 0, 1, 2."""
     import json
@@ -106,7 +106,15 @@ def sentencepiece_tokenizer(merges: int = 120):
         [decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")]
     )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=merges + len(specials), special_tokens=specials, limit_alphabet=40)
+    # A fixed small alphabet (ASCII letters, ▁ and é): ties in picking the most frequent characters would make the
+    # trained vocabulary differ between processes; the rest (ö, ç, CJK, emoji, digits, ...) falls back to bytes.
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz▁é"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=merges + len(specials) + len(alphabet),
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+    )
     tok.train_from_iterator(MULTILINGUAL * 10, trainer)
     spec = json.loads(tok.to_str())
     # The byte tokens are ordinary vocabulary entries, as in Llama's tokenizer.json, not added tokens.

@@ -195,8 +195,36 @@ def test_different_tokenizers_are_still_refused_when_off(tmp_path, pair_dirs, ca
     assert "tokenizers differ" in capsys.readouterr().err
 
 
+def divergence_to_teacher(student_dir, teacher_dir, train, mode: str) -> float:
+    """The mean divergence of `mode` over the anchors of the first 8 training rows (the student's tokenization)."""
+    from distill.data import build_examples, collate
+    from distill.data.alignment import TokenizerPair
+    from distill.models import load_model, load_tokenizer
+    from distill.train.cross import cross_objective, teacher_targets
+
+    s_tok, t_tok = load_tokenizer(str(student_dir), "student"), load_tokenizer(str(teacher_dir), "teacher")
+    examples = build_examples(str(train), s_tok, 48)[0][:8]
+    pair = TokenizerPair(s_tok, t_tok)
+    batch = collate(examples, s_tok.pad_token_id)
+    batch.update(pair.batch(examples, batch["input_ids"].shape[1]))
+    student = load_model(str(student_dir), "student", torch.float32).eval()
+    teacher = load_model(str(teacher_dir), "teacher", torch.float32).eval()
+    targets = teacher_targets(teacher, batch, False, torch.device("cpu"))
+    c = cross_objective(pair, mode, torch.device("cpu"))
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, targets.student_index)
+        total = cross_tokenizer_sum(rows, targets, FORWARD, mode, (len(s_tok), c.teacher_vocab), c.buckets)
+    return float(total) / len(targets.student_index)
+
+
 @pytest.mark.parametrize(
-    "mode, fused, on_policy", [("uld", False, 0.0), ("aligned", True, 0.0), ("aligned", False, 0.5)]
+    "mode, fused, on_policy",
+    [
+        ("uld", False, 0.0),
+        pytest.param("aligned", True, 0.0, marks=pytest.mark.slow),
+        pytest.param("aligned", False, 0.5, marks=pytest.mark.slow),  # on-policy: sampling costs about 20 s
+    ],
 )
 def test_distill_train_across_tokenizers(tmp_path, pair_dirs, mode, fused, on_policy):
     """A short `distill train` of each mode (fused and plain, one with on-policy steps): the divergence is logged,
@@ -208,16 +236,64 @@ def test_distill_train_across_tokenizers(tmp_path, pair_dirs, mode, fused, on_po
     teacher, student, train = pair_dirs
     out = tmp_path / "run"
     objective = {"cross_tokenizer": mode, "fused": fused, "ce_weight": 0.0}
+    report = {"enabled": mode == "uld", "speed": False, "draft": False}  # one run also writes its report
     if on_policy:
         objective["on_policy"] = {"lambda": on_policy, "max_new_tokens": 6}
     training = {"steps": 6, "lr": 2e-2, "save_every": 6, "eval_every": 6}
-    content = recipe_dict(teacher, student, train, out, objective=objective, training=training)
+    content = recipe_dict(teacher, student, train, out, objective=objective, training=training, report=report)
     assert main(["train", str(write_recipe(tmp_path / "r.yaml", content)), "--quiet"]) == 0
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kd = [e["kd_loss"] for e in events if e["event"] == "train"]
     assert len(kd) == 6 and all(v > 0 and v == v for v in kd)
-    if not on_policy:
-        assert kd[-1] < kd[0]
+    if not on_policy:  # closer to the teacher on a fixed batch of the training text
+        assert divergence_to_teacher(out / "student", teacher, train, mode) < divergence_to_teacher(
+            student, teacher, train, mode
+        )
+    if report["enabled"]:
+        models = json.loads((out / "report.json").read_text())["models"]
+        assert models["student"]["bits_per_byte"] > 0 and models["teacher"]["bits_per_byte"] > 0
+        assert 0 < models["student"]["aligned_share"] < 1
     before = load_file(str(student / "model.safetensors"))
     after = final_weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+# ---------------------------------------------------------------- the report across tokenizers
+
+
+def test_report_across_tokenizers(pair_dirs):
+    """Bits per byte and agreement where spans align: a model scored against itself (same tokenizer) agrees
+    everywhere with KL 0 and the teacher's bits per byte; the byte-level student is scored on the same text."""
+    from distill.report.evaluate import evaluate_models
+
+    teacher, student, train = pair_dirs
+    models = {"student": str(student), "itself": str(teacher)}
+    report = evaluate_models(
+        str(teacher), models, str(train), None, speed=False, cross_tokenizer=True, show_progress=False, log=print
+    )
+    t, same, s = (report["models"][k] for k in ("teacher", "itself", "student"))
+    assert same["agreement"] == 1.0 and abs(same["kl_to_teacher"]) < 1e-6
+    # Not all 1:1: prompt/completion rows are tokenized in two parts, the teacher reads their text as one.
+    assert 0.95 < same["aligned_share"] <= 1.0
+    assert same["bits_per_byte"] == pytest.approx(t["bits_per_byte"]) == pytest.approx(same["teacher_bits_per_byte"])
+    assert 0.0 < s["aligned_share"] < 1.0 and 0.0 <= s["agreement"] <= 1.0 and s["kl_to_teacher"] > 0
+    assert s["bits_per_byte"] > 0 and s["teacher_bits_per_byte"] > 0
+    assert report["retention"]["student"]["bits_per_byte"] == pytest.approx(
+        s["teacher_bits_per_byte"] / s["bits_per_byte"]
+    )
+    assert report["retention"]["student"]["cross_entropy"] is None  # nats per token of another tokenizer
+
+
+def test_bits_per_byte_across_tokenizers_is_the_one_tokenizer_definition(teacher_dir, student_dir, eval_file):
+    """Where teacher and student share a tokenizer, the tokenizer-free path gives the usual report's bits per byte."""
+    from distill.report.evaluate import evaluate_models
+
+    quiet = {"speed": False, "show_progress": False, "log": lambda _: None}
+    usual = evaluate_models(str(teacher_dir), {"student": str(student_dir)}, str(eval_file), None, draft=False, **quiet)
+    across = evaluate_models(
+        str(teacher_dir), {"student": str(student_dir)}, str(eval_file), None, cross_tokenizer=True, **quiet
+    )
+    for name in ("teacher", "student"):
+        assert across["models"][name]["bits_per_byte"] == pytest.approx(usual["models"][name]["bits_per_byte"])
+    assert across["models"]["student"]["agreement"] == pytest.approx(usual["models"]["student"]["agreement"])
+    assert across["models"]["student"]["kl_to_teacher"] == pytest.approx(usual["models"]["student"]["kl_to_teacher"])

@@ -29,6 +29,7 @@ Files:
   examples.py  Example, DataStats, `build_examples`, `pack`, `truncated`, `split_eval`, `data_fingerprint`, and
                `load_data` (the recipe's train/held-out examples, for training and the cache stage)
   batches.py   `collate`, `forward_inputs`, `pad_id_of`, `epoch_order`, `step_example_indices`, `iter_batches`
+  alignment.py two tokenizations of one text on a byte axis (objective.cross_tokenizer): `TokenizerPair`
 
 The floor's public face: the names below are re-exported so `from distill.data import X` works everywhere.
 """

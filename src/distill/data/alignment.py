@@ -264,7 +264,7 @@ class TokenizerPair:
         """Place student tokens ids[first:end] (all text) from `offset` and the teacher's tokens of their text;
         returns the offset after them."""
         pieces = [self.student.pieces[i] for i in ids[first:end]]
-        if self.student.prefix_space and pieces[0].startswith(b" "):
+        if self._dummy_prefix(ids[first], b"".join(pieces)):
             pieces[0] = pieces[0][1:]  # the dummy prefix is not text
         cursor = offset
         for k, piece in zip(range(first, end), pieces, strict=True):
@@ -273,6 +273,15 @@ class TokenizerPair:
         for start, text in _utf8_chunks(b"".join(pieces)):
             self._teacher_tokens(text, offset + start, out)
         return cursor
+
+    def _dummy_prefix(self, first_id: int, run: bytes) -> bool:
+        """Whether the space a run's first student piece starts with is SentencePiece's dummy prefix: its tokenizer
+        writes the same first token for the text without that space (a real leading space, "  x" -> "▁", "▁x",
+        would give another)."""
+        if not (self.student.prefix_space and run.startswith(b" ")):
+            return False
+        text = run[1:65].decode("utf-8", errors="ignore")
+        return list(self.student.tokenizer(text, add_special_tokens=False)["input_ids"][:1]) == [first_id]
 
     def _teacher_tokens(self, text: str, offset: int, out: Alignment) -> None:
         """Append the teacher's tokens of `text`, placed from `offset`."""
@@ -327,10 +336,13 @@ class TokenizerPair:
         teacher_input_ids, teacher_attention_mask (B, T_t); anchor_student (N,) flat positions of the (B, width-1)
         output grid; anchor_teacher (N,) flat positions of the teacher's (B, T_t-1) grid; anchor_exact (N,) bool.
         """
-        alignments = [self.align(e.input_ids, e.loss_mask) for e in examples]
+        return self.batch_of([self.align(e.input_ids, e.loss_mask) for e in examples], width)
+
+    def batch_of(self, alignments: list[Alignment], width: int) -> dict[str, torch.Tensor]:
+        """`batch` from alignments already made (one per example, in order)."""
         teacher_width = max(1, *(len(a.teacher_ids) for a in alignments))
-        ids = torch.full((len(examples), teacher_width), self.teacher_pad_id, dtype=torch.long)  # (B, T_t)
-        mask = torch.zeros((len(examples), teacher_width), dtype=torch.long)  # (B, T_t)
+        ids = torch.full((len(alignments), teacher_width), self.teacher_pad_id, dtype=torch.long)  # (B, T_t)
+        mask = torch.zeros((len(alignments), teacher_width), dtype=torch.long)  # (B, T_t)
         student_at, teacher_at, exact = [], [], []
         for row, a in enumerate(alignments):
             n = max(1, len(a.teacher_ids))  # an empty row keeps one pad token visible: no fully masked row

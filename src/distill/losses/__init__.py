@@ -6,6 +6,7 @@ sparse.py         the same objectives against stored top-k / sampled teacher tar
 heads.py          a causal LM's output head (bias, soft-capping, logit scale) and its backbone's hidden states
 fused.py          chunked head + divergence + gradient: never builds (tokens x vocabulary) logits
 hidden.py         hidden-state distillation (TinyBERT / DistillKit): layer pairs, cosine / MSE per token, projections
+cross_tokenizer.py  teacher and student with different vocabularies: ULD, shared pieces + a tail, at aligned positions
 token_metrics.py  evaluation sums (CE, KL, agreement, top-1) through the same chunked head path
 
 `from distill.losses import distillation_loss` is the public entry point (see the README's Python section).

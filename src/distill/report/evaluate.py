@@ -181,6 +181,7 @@ def evaluate_models(
     failure_settings: FailureSettings | None = None,
     tasks: Sequence[str] = (),
     tasks_limit: int | None = None,
+    cross_tokenizer: bool = False,
 ) -> dict:
     """Evaluate the teacher and every model on the same held-out data; write the report into `out_dir`.
 
@@ -202,12 +203,30 @@ def evaluate_models(
     `draft` measures every model as the teacher's speculative-decoding draft (`DraftSettings`: prompts, lengths);
     `failure_settings` sets the greedy generations behind the failure modes (prompts=0: none, calibration only).
     `tasks` (lm-eval names or task YAML files, `tasks_limit` documents each) run on every model: report["tasks"].
+    `cross_tokenizer`: models may have other tokenizers than the teacher's; each is scored on its own tokenization
+    and compared on bits per byte and where spans align (`distill.report.cross`; no draft, tasks, generations).
     """
     teacher_spec, specs = _model_specs(teacher_dir, models, dtype, device)
     if batch_size < 1 or (max_length is not None and max_length < 2):
         raise DistillError("eval needs batch_size >= 1 and max_length >= 2")
     if max_length is None:
         max_length = _shortest_context((teacher_spec, *specs))
+    if cross_tokenizer:
+        from distill.report.cross import evaluate_across_tokenizers
+
+        speed_across = (speed_settings or SpeedSettings()) if speed else None
+        return evaluate_across_tokenizers(
+            teacher_spec,
+            specs,
+            data,
+            out_dir,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_rows=max_rows,
+            speed_settings=speed_across,
+            log=log,
+            metrics_path=metrics_path,
+        )
     evaluation = _eval_data(teacher_spec, specs, data, max_length, max_rows, generation, generation_extra_tokens, log)
     _judging_prompts(evaluation, (draft_settings or DraftSettings()) if draft else None, failure_settings)
     evaluation.tasks = prepare_tasks(tasks, tasks_limit, batch_size)  # checked before any model runs
@@ -274,7 +293,8 @@ def _eval_data(
             difference = compare_tokenizers(tokenizer, load_tokenizer(spec.path, spec.name))
             if difference is not None:
                 raise DistillError(
-                    f"teacher and {spec.name} tokenizers differ ({difference.replace('student', spec.name)})"
+                    f"teacher and {spec.name} tokenizers differ ({difference.replace('student', spec.name)}); "
+                    "--cross-tokenizer compares them on bits per byte"
                 )
     examples, stats = build_examples(data, tokenizer, max_length if max_length is not None else sys.maxsize)
     if stats.truncated_rows:
@@ -369,7 +389,7 @@ def _cost(model, spec: ModelSpec, vocab_size: int, evaluation: _EvalData, settin
 def _draft(teacher, model, name: str, evaluation: _EvalData, vocab_size: int, log) -> dict:
     """`measure_draft` of `model` for the teacher, or null keys and a note saying why it was not measured."""
     settings, prompts = evaluation.draft_settings, evaluation.draft_prompts
-    reason = "report.draft is off" if settings is None else draft_skip_reason(teacher, model, True)
+    reason = "report.draft is off" if settings is None else draft_skip_reason(teacher, model)
     if reason is None and not prompts:
         reason = "no eval prompts"
     if reason is None:

@@ -8,8 +8,9 @@ step.py        one optimizer step: the student's loss as one module (`StudentLos
 output.py      what a run leaves: the saved student (`save_student`, `saved_dtype`) and the run's report
 parallel.py    DDP / FSDP2 strategies, sharding, no-sync, gradient clipping, whole state dicts
 checkpoint.py  resumable state: weights, AdamW moments, RNG states and counters, written atomically
+cross.py       across tokenizers: the teacher's own tokenization of each micro-batch, its rows at the anchors
 onpolicy.py    GKD: the student's own completions replace a share of the steps' data
-lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
 served.py      a teacher at teacher.endpoint: each micro-batch's sparse targets from its server, asked a step ahead
+lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
 trackers.py    training.report_to: TensorBoard / W&B / MLflow / Trackio fed the metrics.jsonl events (resumable)
 """

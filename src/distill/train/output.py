@@ -104,6 +104,11 @@ def write_run_report(recipe: Recipe, result: TrainResult, eval_examples, device,
     """
     from distill.report.evaluate import evaluate_models
 
+    if recipe.teachers:  # several teachers: each against the student on its own rows (report.json by_teacher)
+        from distill.train.teachers import write_teachers_report
+
+        write_teachers_report(recipe, result, eval_examples, device, show_progress, log)
+        return
     eval_file = result.output_dir / "eval-data.jsonl"
     rows = "".join(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) + "\n" for e in eval_examples)
     atomic.write_text(eval_file, rows)
@@ -124,6 +129,7 @@ def write_run_report(recipe: Recipe, result: TrainResult, eval_examples, device,
         draft=r.draft,
         tasks=r.tasks,
         tasks_limit=r.tasks_limit,
+        cross_tokenizer=recipe.objective.cross_tokenizer != "off",  # the student's tokens vs the teacher's own
         device=str(device),
         dtype=recipe.teacher.dtype,
         show_progress=show_progress,
