@@ -66,6 +66,8 @@ def test_generation_failures_aggregate_over_generations():
     assert got["ended_share"] == pytest.approx(1 / 3)
     assert got["mean_generated_tokens"] == pytest.approx(13 / 3)
     assert got["generations"] == 3 and got["ngram"] == 2
+    none = generation_failures([], settings)  # no prompts: nothing measured, not a perfect 0%
+    assert none["generations"] == 0 and none["looping_share"] is None and none["repeated_ngram_share"] is None
 
 
 def test_expected_calibration_error_by_hand():

@@ -171,10 +171,9 @@ def measure_draft(
     }
 
 
-def draft_skip_reason(teacher, draft, same_tokenizer: bool) -> str | None:
-    """Why `draft` cannot be measured as the teacher's draft here (None: it can)."""
-    if not same_tokenizer:
-        return "the draft's tokenizer differs from the teacher's"
+def draft_skip_reason(teacher, draft) -> str | None:
+    """Why `draft` cannot be measured as the teacher's draft here (None: it can). The tokenizers are the same: the
+    report refuses models whose tokenizer differs from the teacher's before any is run."""
     if getattr(teacher, "_is_stateful", False) or getattr(draft, "_is_stateful", False):
         return "a stateful (recurrent) model cannot roll back rejected draft tokens"
     if teacher.config.is_encoder_decoder or draft.config.is_encoder_decoder:

@@ -81,15 +81,14 @@ def generation_failures(rows: Sequence[tuple[list[int], bool]], settings: Failur
         looping += loops(tokens, stopped, settings.ngram, settings.max_period)
         ended += stopped
         length += len(tokens)
-    count = max(len(rows), 1)
+    count = len(rows)
+    shares = {"looping_share": looping, "ended_share": ended, "mean_generated_tokens": length}
     return {
-        "generations": len(rows),
+        "generations": count,
         "max_new_tokens": settings.new_tokens,
         "ngram": settings.ngram,
-        "repeated_ngram_share": repeated / total if total else 0.0,
-        "looping_share": looping / count,
-        "ended_share": ended / count,
-        "mean_generated_tokens": length / count,
+        "repeated_ngram_share": repeated / total if total else (0.0 if count else None),
+        **{k: v / count if count else None for k, v in shares.items()},  # None: nothing was generated
     }
 
 

@@ -89,16 +89,15 @@ def failure_table(report: dict) -> tuple[str, list[str], list[list[str]]] | None
         if not f:
             continue
         n, some = f.get("ngram", n), f if f.get("generations") else some
+        generated = [
+            _percent(f.get("repeated_ngram_share")),
+            _percent(f.get("looping_share")),
+            _percent(f.get("ended_share")),
+            _float(f.get("mean_generated_tokens"), 1),
+            _percent(f.get("length_ratio_to_teacher")),
+        ]
         rows.append(
-            [
-                name,
-                _percent(f.get("repeated_ngram_share")),
-                _percent(f.get("looping_share")),
-                _percent(f.get("ended_share")),
-                _float(f.get("mean_generated_tokens"), 1),
-                _percent(f.get("length_ratio_to_teacher")),
-                _float(f.get("expected_calibration_error"), 4),
-            ]
+            [name, *(generated if f.get("generations") else ["–"] * 5), _float(f.get("expected_calibration_error"), 4)]
         )
     if not rows:
         return None
@@ -136,6 +135,8 @@ def difficulty_figure(report: dict, plt):
         axis.set_xticks(range(len(labels)), labels, fontsize=8)
         axis.set_xlabel("teacher entropy bucket (nats)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
     figure.tight_layout()
+    # One legend for both panels, below them, so it covers no bar.
+    handles, names = right.get_legend_handles_labels()
+    figure.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(names), 6), fontsize=8)
     return figure
