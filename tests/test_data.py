@@ -276,6 +276,30 @@ def test_folder_of_mixed_files(tmp_path, tokenizer):
     assert stats.rows == 7 and len(examples) == 7
 
 
+def test_glob_pattern_picks_files_of_a_folder_that_holds_other_json(tmp_path):
+    # The quick start trains on a package's code; the package also holds JSON configs that are not rows,
+    # and reading the whole folder stopped at the first of them.
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("a = 1", encoding="utf-8")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b = 2", encoding="utf-8")
+    (tmp_path / "pkg" / "sub" / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    with pytest.raises(DistillError, match="config.json"):
+        list(read_rows(tmp_path / "pkg"))
+    assert _texts(read_rows(f"{tmp_path}/pkg/**/*.py")) == ["a = 1", "b = 2"]
+    with pytest.raises(DistillError, match="matches no files"):
+        list(read_rows(f"{tmp_path}/pkg/**/*.rst"))
+
+
+def test_quickstart_recipes_read_their_data():
+    from distill.config import load_recipe
+    from distill.data.files import read_rows as rows_of
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
+    for name in ("teacher.yaml", "student.yaml"):
+        recipe = load_recipe(root / name)
+        assert sum(1 for _ in rows_of(recipe.data.train)) > 20
+
+
 def test_empty_folder_and_missing_file(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"x")
     with pytest.raises(DistillError, match="holds no"):

@@ -5,6 +5,7 @@ and hub dataset ids -> (where, row) pairs, `where` naming the file and line for 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,12 +97,20 @@ def _load_hf(source: str, split: str):
 
 
 def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
-    """Yield (where, row) for every row of a file, folder, `save_to_disk` folder or hub id.
+    """Yield (where, row) for every row of a file, folder, glob pattern, `save_to_disk` folder or hub id.
 
     `where` names the file and line for error messages. A row that could not be parsed is yielded as an
-    exception instance so the caller decides whether to stop or skip.
+    exception instance so the caller decides whether to stop or skip. A pattern (`src/**/*.py`) picks files of a
+    folder that also holds files that are not rows (a package's JSON configs next to its code).
     """
     path = Path(source)
+    if not path.exists() and any(c in str(source) for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DistillError(f"data pattern {source} matches no files")
+        for file in files:
+            yield from _read_file(file)
+        return
     if not path.exists():
         if str(source).startswith((".", "/", "~")) or path.suffix.lower() in ROW_SUFFIXES:
             raise DistillError(f"data file {source} does not exist")
@@ -111,19 +120,23 @@ def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, o
         yield from _read_hf(_load_hf(str(path), split), str(path))
         return
     for file in _files_under(path):
-        suffix = file.suffix.lower()
-        try:
-            if suffix == ".jsonl":
-                yield from _read_jsonl(file)
-            elif suffix == ".json":
-                yield from _read_json(file)
-            elif suffix == ".csv":
-                yield from _read_csv(file)
-            elif suffix == ".parquet":
-                yield from _read_parquet(file)
-            elif suffix in TEXT_SUFFIXES:
-                yield str(file), {"text": file.read_text(encoding="utf-8")}
-            else:
-                raise DistillError(f"{file}: unsupported data file type {suffix!r}")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DistillError(f"cannot read data file {file}: {e}") from None
+        yield from _read_file(file)
+
+
+def _read_file(file: Path) -> Iterator[tuple[str, object]]:
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            yield from _read_jsonl(file)
+        elif suffix == ".json":
+            yield from _read_json(file)
+        elif suffix == ".csv":
+            yield from _read_csv(file)
+        elif suffix == ".parquet":
+            yield from _read_parquet(file)
+        elif suffix in TEXT_SUFFIXES:
+            yield str(file), {"text": file.read_text(encoding="utf-8")}
+        else:
+            raise DistillError(f"{file}: unsupported data file type {suffix!r}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DistillError(f"cannot read data file {file}: {e}") from None
