@@ -275,7 +275,9 @@ def test_report_across_tokenizers(pair_dirs):
     assert same["agreement"] == 1.0 and abs(same["kl_to_teacher"]) < 1e-6
     # Not all 1:1: prompt/completion rows are tokenized in two parts, the teacher reads their text as one.
     assert 0.95 < same["aligned_share"] <= 1.0
-    assert same["bits_per_byte"] == pytest.approx(t["bits_per_byte"]) == pytest.approx(same["teacher_bits_per_byte"])
+    assert same["bits_per_byte"] == pytest.approx(t["bits_per_byte"])
+    # Beside itself the teacher's tokens count where they lie inside the counted bytes (whole at the boundaries).
+    assert same["teacher_bits_per_byte"] == pytest.approx(same["bits_per_byte"], rel=0.05)
     assert 0.0 < s["aligned_share"] < 1.0 and 0.0 <= s["agreement"] <= 1.0 and s["kl_to_teacher"] > 0
     assert s["bits_per_byte"] > 0 and s["teacher_bits_per_byte"] > 0
     assert report["retention"]["student"]["bits_per_byte"] == pytest.approx(
@@ -284,6 +286,7 @@ def test_report_across_tokenizers(pair_dirs):
     assert report["retention"]["student"]["cross_entropy"] is None  # nats per token of another tokenizer
 
 
+@pytest.mark.slow  # the usual report's whole evaluation beside the cross-tokenizer one
 def test_bits_per_byte_across_tokenizers_is_the_one_tokenizer_definition(teacher_dir, student_dir, eval_file):
     """Where teacher and student share a tokenizer, the tokenizer-free path gives the usual report's bits per byte."""
     from distill.report.evaluate import evaluate_models

@@ -283,7 +283,7 @@ def evaluate_across_tokenizers(
     context = max_context(teacher.config)
     own = _examples(data, teacher_tokenizer, max_length, max_rows)
     log(f"eval teacher: {len(own)} sequences")
-    _, teacher_sums = score_across(
+    teacher_sums, _ = score_across(  # the teacher on its own examples, as the one-tokenizer report counts them
         teacher, teacher, TokenizerPair(teacher_tokenizer, teacher_tokenizer), own, batch_size
     )
     teacher_result = {
