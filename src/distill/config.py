@@ -168,6 +168,7 @@ class DataConfig(Section):
         default_factory=list,
         description="Row keys to ignore (metadata columns); any other key a row format does not read is refused.",
     )
+    teacher_field: str = Field("teacher", description="With `teachers`: the row key naming the row's teacher.")
 
 
 class OnPolicyConfig(Section):
@@ -397,6 +398,9 @@ class Recipe(Section):
         default_factory=GenerateConfig, description="Teacher completions (`distill generate`)."
     )
     report: ReportConfig = Field(default_factory=ReportConfig, description="The retention report after training.")
+    teachers: dict[str, TeacherConfig] | None = Field(
+        None, description="Several teachers instead of `teacher`: name -> a teacher section (rows name theirs)."
+    )
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 
     @property
@@ -412,7 +416,7 @@ class Recipe(Section):
         if self.data.train is None:
             raise DistillError("recipe key data.train: no training data given")
         t = self.teacher
-        if self.needs_teacher and t.path is None and t.cache is None and t.endpoint is None:
+        if self.needs_teacher and t.path is None and t.cache is None and t.endpoint is None and not self.teachers:
             raise DistillError(
                 "recipe key teacher.path: no teacher given (set teacher.path, teacher.cache or teacher.endpoint, "
                 "or objective.kd_weight=0 to train on hard labels only)"
@@ -427,7 +431,7 @@ class Recipe(Section):
         if self.student.from_teacher is not None and self.teacher.path is None:
             raise DistillError("recipe key student.from_teacher: needs teacher.path to prune from")
         no_tokenizer = self.student.tokenizer is None and self.student.path is None and self.teacher.cache is None
-        if self.teacher.path is None and no_tokenizer:
+        if self.teacher.path is None and no_tokenizer and not self.teachers:
             raise DistillError("recipe key student.tokenizer: a new student without a teacher needs a tokenizer")
 
     def _check_on_policy(self) -> None:

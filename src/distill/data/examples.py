@@ -5,7 +5,7 @@ the data fingerprint, and `load_data`, the recipe's data set-up shared by traini
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ class Example:
     # Packed blocks only: each token's position inside its own document (restarting at 0 where a document
     # starts). transformers turns restarting position ids into per-document causal attention.
     positions: list[int] | None = None
+    teacher: str | None = None  # several teachers (recipe key teachers): the one this row names
 
     @property
     def loss_tokens(self) -> int:
@@ -52,12 +53,17 @@ def build_examples(
     packing: bool = False,
     split: str = "train",
     ignore_keys: Sequence[str] = (),
+    route: tuple[str, Collection[str]] | None = None,
 ) -> tuple[list[Example], DataStats]:
     """Read and tokenize every row of `source`; truncate (or pack) to `max_length`; drop rows with no loss.
 
     `max_length` None keeps every row whole (one example per row, for a caller that splits rows before packing).
     `ignore_keys`: row keys no format reads that are not refused (data.ignore_keys).
+    `route`: (the row key naming each row's teacher, the teachers' names) with several teachers; the key is read
+    into `Example.teacher`, not trained on.
     """
+    if route is not None:
+        ignore_keys = (*ignore_keys, route[0])
     stats = DataStats()
     examples: list[Example] = []
     for where, row in read_rows(source, split):
@@ -65,6 +71,7 @@ def build_examples(
         try:
             if isinstance(row, Exception):
                 raise row
+            teacher = _row_teacher(row, *route) if route is not None else None
             ids, mask = encode_row(row, tokenizer, ignore_keys)
         except ValueError as e:
             if not skip_bad_rows:
@@ -76,7 +83,7 @@ def build_examples(
         if not packing and max_length is not None and len(ids) > max_length:
             stats.truncated_rows += 1
             ids, mask = ids[:max_length], mask[:max_length]
-        example = Example(ids, mask)
+        example = Example(ids, mask, teacher=teacher)
         if example.loss_tokens == 0:
             stats.empty_rows += 1
             continue
@@ -86,6 +93,16 @@ def build_examples(
     stats.examples = len(examples)
     stats.loss_tokens = sum(e.loss_tokens for e in examples)
     return examples, stats
+
+
+def _row_teacher(row: object, key: str, names: Collection[str]) -> str:
+    """The teacher a row names in `key` (data.teacher_field), one of `names`; ValueError otherwise."""
+    known = ", ".join(names)
+    if not isinstance(row, dict) or key not in row:
+        raise ValueError(f'no "{key}" key naming the row\'s teacher (data.teacher_field; teachers: {known})')
+    if row[key] not in names:
+        raise ValueError(f'"{key}": {row[key]!r} is not one of recipe key teachers ({known})')
+    return row[key]
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
@@ -128,7 +145,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 def truncated(examples: list[Example], max_length: int) -> list[Example]:
     """Each example cut to `max_length` tokens, as `build_examples` cuts rows; those left without loss dropped."""
-    cut = [Example(e.input_ids[:max_length], e.loss_mask[:max_length]) for e in examples]
+    cut = [Example(e.input_ids[:max_length], e.loss_mask[:max_length], teacher=e.teacher) for e in examples]
     return [e for e in cut if e.loss_tokens > 0]
 
 
@@ -163,6 +180,8 @@ def data_fingerprint(examples: Sequence[Example]) -> str:
         h.update(np.asarray(e.loss_mask, dtype=np.bool_).tobytes())
         if e.positions is not None:
             h.update(np.asarray(e.positions, dtype=np.int64).tobytes())
+        if e.teacher is not None:  # several teachers: the routing is part of the data
+            h.update(f"teacher:{e.teacher}".encode())
     return h.hexdigest()
 
 
@@ -172,7 +191,9 @@ def load_data(recipe: Recipe, tokenizer, log=print):
     # would put pieces of one document in both sets (a block mixes documents, and a document can span blocks).
     split_rows_first = d.packing and d.eval is None
     length, packing = (None, False) if split_rows_first else (d.max_length, d.packing)
-    train, stats = build_examples(d.train, tokenizer, length, d.skip_bad_rows, packing, d.train_split, d.ignore_keys)
+    route = (d.teacher_field, tuple(recipe.teachers)) if recipe.teachers else None
+    keys = (d.skip_bad_rows, packing, d.train_split, d.ignore_keys, route)
+    train, stats = build_examples(d.train, tokenizer, length, *keys)
     if stats.bad_rows:
         log(f"skipped {stats.bad_rows} malformed rows, e.g. {stats.bad_row_messages[0]}")
     if stats.empty_rows:
@@ -181,7 +202,7 @@ def load_data(recipe: Recipe, tokenizer, log=print):
         raise DistillError(f"data.train {d.train}: no usable examples ({stats.rows} rows read)")
     if d.eval is not None:
         held_out, eval_stats = build_examples(
-            d.eval, tokenizer, d.max_length, d.skip_bad_rows, False, d.eval_split, d.ignore_keys
+            d.eval, tokenizer, d.max_length, d.skip_bad_rows, False, d.eval_split, d.ignore_keys, route
         )
         if not held_out:
             raise DistillError(f"data.eval {d.eval}: no usable examples ({eval_stats.rows} rows read)")

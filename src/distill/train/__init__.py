@@ -11,6 +11,7 @@ checkpoint.py  resumable state: weights, AdamW moments, RNG states and counters,
 cross.py       across tokenizers: the teacher's own tokenization of each micro-batch, its rows at the anchors
 onpolicy.py    GKD: the student's own completions replace a share of the steps' data
 served.py      a teacher at teacher.endpoint: each micro-batch's sparse targets from its server, asked a step ahead
+teachers.py    several teachers (recipe key teachers): each row's targets from its own teacher, per-teacher report
 lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
 trackers.py    training.report_to: TensorBoard / W&B / MLflow / Trackio fed the metrics.jsonl events (resumable)
 """

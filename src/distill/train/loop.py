@@ -117,6 +117,7 @@ def train(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = pri
     teacher_known = run.models.teacher is not None or (
         (recipe.teacher.cache is not None or recipe.teacher.endpoint is not None) and recipe.teacher.path is not None
     )
+    teacher_known = teacher_known or bool(recipe.teachers)  # several teachers: each one with a path is reported
     if accelerator.is_main_process and recipe.report.enabled and teacher_known:
         # The report loads teacher and student again from disk (the student as saved): let go of the training
         # copies, the optimizer state and accelerate's references to them first, or the report's models and

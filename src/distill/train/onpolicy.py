@@ -175,7 +175,9 @@ class OnPolicy:
                 synced=synced,
                 vocab_size=len(self.tokenizer),
             )
-        return [Example(p + t, [False] * len(p) + [True] * len(t)) for p, t in zip(prompts, completions, strict=True)]
+        # Several teachers: the row's own teacher scores the student's sample of its prompt.
+        pairs = zip(prompts, completions, examples, strict=True)
+        return [Example(p + t, [False] * len(p) + [True] * len(t), teacher=e.teacher) for p, t, e in pairs]
 
     def log_fields(self, elapsed_s: float) -> dict:
         """Fields for the train event covering the steps since the last call (none when on-policy is off)."""

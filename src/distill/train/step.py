@@ -217,6 +217,8 @@ def step_loss(
     """
     from distill.losses.heads import backbone_outputs
 
+    if getattr(teacher_signal, "routes", False):  # several teachers: each one's rows apart (distill.train.teachers)
+        return teacher_signal.step_loss(loss_module, models, batch, recipe, normalizer, step_loss)
     o = recipe.objective
     inputs, labels = forward_inputs(batch), batch["labels"]
     pairs = getattr(getattr(loss_module, "module", loss_module), "hidden_pairs", ())  # DDP keeps it in .module
@@ -261,7 +263,7 @@ def step_batches(run, recipe: Recipe, step: int, on_policy, accelerator) -> tupl
     sampled = on_policy.chooses(step)
     with gathered_for_inference(run.loss_module) if sampled else nullcontext():
         micro_examples = on_policy.examples(run.models.student, step, run.rank, micro_examples)
-    if isinstance(run.teacher_signal, ServedSignal):
+    if isinstance(run.teacher_signal, ServedSignal) or getattr(run.teacher_signal, "routes", False):
         # This step's requests (in flight since the step before, unless sampled just now), and the next step's.
         run.teacher_signal.begin_step(step, micro_examples, sampled)
         ahead = step + 1
@@ -270,6 +272,8 @@ def step_batches(run, recipe: Recipe, step: int, on_policy, accelerator) -> tupl
     batches = [collate(examples, run.pad_id) for examples in micro_examples]
     for j, b in enumerate(batches):
         b["example_index"] = torch.tensor(mine[j * micro : (j + 1) * micro])  # (B,) for a teacher cache
+        if getattr(run.teacher_signal, "routes", False):  # several teachers: each row's, (B,)
+            b["teacher_index"] = run.teacher_signal.teacher_index(micro_examples[j])
         if getattr(run, "cross", None) is not None:  # the teacher's ids of the same texts and the anchors
             b.update(run.cross.batch(micro_examples[j], b["input_ids"].shape[1]))
     global_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
@@ -295,7 +299,7 @@ def optimizer_step(run, recipe: Recipe, batches: list[dict], global_tokens: int,
     step_sums = torch.zeros(3, device=device)
     for j, batch in enumerate(batches):
         # Example indices stay on the host: the cache reader needs them there, and copying back would sync.
-        batch = {k: v if k == "example_index" else v.to(device) for k, v in batch.items()}
+        batch = {k: v if k in ("example_index", "teacher_index") else v.to(device) for k, v in batch.items()}
         sync = j == len(batches) - 1
         # Backward inside too: FSDP2 decides whether to reduce gradients during backward, DDP in forward.
         with nullcontext() if sync else no_gradient_sync(run.loss_module, accelerator, run.strategy):
