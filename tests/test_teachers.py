@@ -222,3 +222,31 @@ def test_bad_routing_is_one_line(tmp_path, teacher_dir, second_teacher, student_
         assert main(["train", str(path), "--quiet"]) == 2, expected
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_served_teacher_beside_an_online_one(tmp_path, teacher_dir, second_teacher, student_dir, files):
+    from distill.generate.server import load_served_model
+    from test_cache_endpoint import start_server
+
+    url, server = start_server(load_served_model(str(second_teacher), "teacher", "float32", "cpu"))
+    try:
+        cache = {"top_k": 8, "precision": "float32", "tail_samples": 0, "pack_ids": False, "dir": str(tmp_path / "c")}
+        generate = {"concurrency": 4, "max_retries": 1, "backoff_s": 0.01, "timeout_s": 30}
+        only_b = write_jsonl(tmp_path / "b.jsonl", [r for r in rows() if r["teacher"] == "b"])
+        single = helpers.recipe_dict(second_teacher, student_dir, only_b, tmp_path / "unused", cache=cache)
+        single["data"].update(eval=str(files[1]), ignore_keys=["teacher"])
+        build_cache(recipe_from_dict(single), **QUIET)  # teacher b's top-8, run here
+
+        served = recipe_dict(
+            teacher_dir, second_teacher, student_dir, files, tmp_path / "served", cache=cache, generate=generate
+        )
+        served["teachers"]["b"] = {"endpoint": url, "model_name": "teacher"}
+        cached = recipe_dict(teacher_dir, second_teacher, student_dir, files, tmp_path / "cached", cache=cache)
+        cached["teachers"]["b"] = {"cache": cache["dir"]}
+        train(recipe_from_dict(served), **QUIET)
+        train(recipe_from_dict(cached), **QUIET)
+    finally:
+        server.should_exit = True
+    # The server's top-8 log-probs (float32) are the local teacher's: the same losses as its cache.
+    np.testing.assert_allclose(train_losses(tmp_path / "served"), train_losses(tmp_path / "cached"), rtol=1e-4)
