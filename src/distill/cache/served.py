@@ -9,9 +9,9 @@ One request per sequence, its token ids sent as the prompt (no re-tokenization),
   the prompt's own token (OpenAI: "up to logprobs + 1"), tokens as ``token_id:N`` with
   ``return_tokens_as_token_ids``.
 Position i (i ≥ 1) describes the teacher's distribution of token i given the tokens before it; an extra entry
-for the prompt's own token is dropped, so every position gives exactly the top k, ordered as the server ranked
-them. ``teacher.endpoint_logprobs: auto`` asks for prompt_logprobs first and falls back to echo when the server
-refuses or ignores it.
+for the prompt's own token is dropped, so every position gives exactly the top k, most probable first and tied
+log-probs (frequent in bf16) by id, so both ways of asking store the same bytes. ``teacher.endpoint_logprobs:
+auto`` asks for prompt_logprobs first and falls back to echo when the server refuses or ignores it.
 
 The limits of a server, checked on the first request with one line naming the key to change: vLLM returns at
 most ``--max-logprobs`` entries per token (20 by default), so ``cache.top_k`` must not exceed it; the longest
@@ -243,8 +243,8 @@ class ServedTeacher:
             out_ids[i], out_lp[i] = self._top_k_of(entries, ids[i + 1], i + 1, top_k_key)
         return out_ids, out_lp
 
-    def _positions(self, choice: dict, ids: list[int], mode: str) -> list[list[tuple[int, float, int]]]:
-        """Per position 1..T-1 of the prompt: its (id, log-prob, rank) entries as the server gave them."""
+    def _positions(self, choice: dict, ids: list[int], mode: str) -> list[list[tuple[int, float]]]:
+        """Per position 1..T-1 of the prompt: its (id, log-prob) entries as the server gave them."""
         if mode == "prompt_logprobs":
             given = choice.get("prompt_logprobs")
             if not isinstance(given, list):
@@ -260,15 +260,15 @@ class ServedTeacher:
             raise _Ignored(f"{len(given)} log-prob positions for {len(ids)} prompt tokens (echo ignored?)")
         return [self._entries(d, i) for i, d in enumerate(given[1 : len(ids)], 1)]
 
-    def _entries(self, given, position: int) -> list[tuple[int, float, int]]:
+    def _entries(self, given, position: int) -> list[tuple[int, float]]:
         if not isinstance(given, dict) or not given:
             raise DistillError(f"endpoint {self.url}: no log-probs at prompt position {position}")
         entries = []
-        for rank, (key, value) in enumerate(given.items()):
+        for key, value in given.items():
             if isinstance(value, dict):  # vLLM's prompt_logprobs: {"logprob", "rank", "decoded_token"}
-                value, rank = value.get("logprob"), value.get("rank", rank)
+                value = value.get("logprob")
             try:
-                entries.append((self._token_id(key), float(value), int(rank)))
+                entries.append((self._token_id(key), float(value)))
             except (TypeError, ValueError) as e:
                 raise DistillError(f"endpoint {self.url}: prompt position {position}: {e}") from None
         return entries
@@ -293,5 +293,5 @@ class ServedTeacher:
                 f"endpoint {self.url}: prompt position {position} has {len(entries)} log-probs (or a repeated token) "
                 f"for top {k} and the prompt's token"
             )
-        entries = sorted(entries, key=lambda e: (-e[1], e[2]))  # most probable first; ties in the server's ranking
+        entries = sorted(entries, key=lambda e: (-e[1], e[0]))  # most probable first, ties by id: one canonical order
         return [e[0] for e in entries], [e[1] for e in entries]
