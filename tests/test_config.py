@@ -262,6 +262,21 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
     assert Path(recipe.output.dir) == folder.parent.resolve() / "runs" / "a"
 
 
+def test_relative_paths_of_several_teachers_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = _write(
+        folder,
+        "teachers: {code: {path: ./code-teacher}, prose: {cache: ../prose-cache}}\n"
+        "student: {path: ./s}\ndata: {train: ./train.jsonl}\n",
+    )
+    recipe = load_recipe(path)
+    assert Path(recipe.teachers["code"].path) == folder.resolve() / "code-teacher"
+    assert Path(recipe.teachers["prose"].cache) == tmp_path.resolve() / "prose-cache"
+    assert recipe.teachers["code"].cache is None and recipe.data.eval is None
+
+
 def test_hub_ids_and_absolute_paths_are_left_alone(tmp_path):
     path = _write(tmp_path, "teacher: {path: Qwen/Qwen3-0.6B}\ndata: {train: /abs/train.jsonl}\nstudent: {path: ./s}\n")
     recipe = load_recipe(path, ["student.path=./elsewhere"])

@@ -287,6 +287,7 @@ class TrainingConfig(Section):
     @classmethod
     def _report_to_list(cls, value: Any) -> Any:
         return _comma_list(value)
+
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student's activations in backward (less memory, about 1/3 more compute)."
     )
@@ -530,40 +531,30 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative local paths in the recipe relative to the recipe file, as users expect."""
 
-    def fix(section: str, key: str) -> None:
-        node = data.get(section)
-        if not isinstance(node, dict) or not isinstance(node.get(key), str):
-            return
-        value = node[key]
-        if value.startswith(("./", "../")):
-            node[key] = str((base / value).resolve())
+    def local(value: Any) -> Any:
+        return str((base / value).resolve()) if isinstance(value, str) and value.startswith(("./", "../")) else value
 
-    for section, key in [
-        ("teacher", "path"),
-        ("teacher", "cache"),
-        ("student", "path"),
-        ("student", "tokenizer"),
-        ("data", "train"),
-        ("data", "eval"),
-        ("cache", "dir"),
-        ("report", "baseline"),
-        ("report", "generation"),
-        ("generate", "prompts"),
-        ("generate", "output"),
-        ("output", "dir"),
-    ]:
-        fix(section, key)
-    student = data.get("student")
-    spec = student.get("from_teacher") if isinstance(student, dict) else None
-    calibration = spec.get("calibration") if isinstance(spec, dict) else None
-    if isinstance(calibration, str) and calibration.startswith(("./", "../")):
-        spec["calibration"] = str((base / calibration).resolve())
-    report = data.get("report")
-    tasks = report.get("tasks") if isinstance(report, dict) else None
+    def fix(node: Any, *keys: str) -> None:
+        for key in keys if isinstance(node, dict) else ():
+            if key in node:
+                node[key] = local(node[key])
+
+    def section(name: str) -> Any:
+        return data.get(name) if isinstance(data.get(name), dict) else {}
+
+    fix(data.get("teacher"), "path", "cache")
+    for teacher in section("teachers").values():
+        fix(teacher, "path", "cache")
+    fix(data.get("student"), "path", "tokenizer")
+    fix(section("student").get("from_teacher"), "calibration")
+    fix(data.get("data"), "train", "eval")
+    fix(data.get("cache"), "dir")
+    fix(data.get("report"), "baseline", "generation")
+    fix(data.get("generate"), "prompts", "output")
+    fix(data.get("output"), "dir")
+    tasks = section("report").get("tasks")
     if isinstance(tasks, list):  # task YAML files; task names stay as they are
-        report["tasks"] = [
-            str((base / t).resolve()) if isinstance(t, str) and t.startswith(("./", "../")) else t for t in tasks
-        ]
+        section("report")["tasks"] = [local(t) for t in tasks]
     return data
 
 
