@@ -5,6 +5,8 @@ resume, a cached and an online teacher mixed, on-policy, the per-teacher report,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -222,6 +224,16 @@ def test_bad_routing_is_one_line(tmp_path, teacher_dir, second_teacher, student_
         assert main(["train", str(path), "--quiet"]) == 2, expected
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_distill_cache_on_a_teachers_recipe_says_what_to_do(tmp_path, teacher_dir, second_teacher, student_dir, files):
+    # It used to say "needs teacher.path", which a recipe with two teachers' paths does not explain.
+    content = recipe_dict(teacher_dir, second_teacher, student_dir, files, tmp_path / "out")
+    path = write_recipe(tmp_path / "r.yaml", content)
+    result = subprocess.run([sys.executable, "-m", "distill", "cache", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "once per teacher" in lines[0], lines
 
 
 @pytest.mark.slow

@@ -331,6 +331,11 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
     t, c = recipe.teacher, recipe.cache
     from_file = c.source == "generated"
     from_server = t.endpoint is not None and not from_file  # the served teacher, as for `distill generate`
+    if recipe.teachers:
+        raise DistillError(
+            "recipe key teachers: `distill cache` builds one teacher's cache; run it once per teacher with a "
+            "recipe of that teacher (teacher: ...) and its rows as data.train, then name the caches in teachers.*.cache"
+        )
     if t.path is None and not from_file and not from_server:
         raise DistillError(
             "recipe key teacher.path: `distill cache` runs the teacher, so it needs teacher.path (or teacher.endpoint)"
