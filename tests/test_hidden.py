@@ -294,12 +294,17 @@ def test_bad_hidden_settings_fail_with_one_line(
         ({"endpoint": "http://127.0.0.1:9/v1"}, {}, "a served teacher (teacher.endpoint) sends output distributions"),
         ({}, {"kd_weight": 0.0, "ce_weight": 1.0}, "the hidden-state term is added to the logit loss"),
         ({}, {"cross_tokenizer": "uld"}, "across tokenizers the teacher's positions are not the student's"),
+        (None, {}, "it pairs the student's layers with one teacher's; use teacher instead of teachers"),
     ],
 )
 def test_hidden_states_need_a_teacher_run_here(
     tmp_path, capsys, teacher_dir, student_dir, train_file, teacher, objective, expected
 ):
-    content = recipe_dict(teacher_dir, student_dir, train_file, tmp_path / "run", teacher=teacher, objective=objective)
+    content = recipe_dict(
+        teacher_dir, student_dir, train_file, tmp_path / "run", teacher=teacher or {}, objective=objective
+    )
+    if teacher is None:  # several teachers
+        content["teachers"] = {"a": content.pop("teacher"), "b": {"path": str(teacher_dir)}}
     content["objective"]["hidden"] = {"weight": 1.0}
     assert main(["train", str(write_recipe(tmp_path / "r.yaml", content)), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

@@ -462,6 +462,8 @@ class Recipe(Section):
             why = f"{source} output distributions, not hidden states; run the teacher here (teacher.path alone)"
         elif self.objective.cross_tokenizer != "off":
             why = "across tokenizers the teacher's positions are not the student's; set objective.cross_tokenizer=off"
+        elif self.teachers:
+            why = "it pairs the student's layers with one teacher's; use teacher instead of teachers"
         if why is not None:
             raise DistillError(f"recipe key objective.hidden.weight: {why}, or set objective.hidden.weight=0")
 
