@@ -320,7 +320,9 @@ def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 
 def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed: bool = True) -> dict:
     """The retention report (distill.report.evaluate) plus line completion for every model; writes report.*."""
     from distill.models import load_model, load_tokenizer
+    from distill.report.draft import DraftSettings
     from distill.report.evaluate import DEFINITIONS, evaluate_models
+    from distill.report.failures import FailureSettings
     from distill.report.render import write_report
     from distill.report.retention import retention_of
     from distill.report.speed import SpeedSettings
@@ -334,6 +336,9 @@ def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed
         batch_size=8,
         speed=speed,
         draft=speed,  # the draft's speed-up is a timing too; the quick demo skips both
+        # Small on purpose: the demo keeps to about three minutes (benchmarks/draft.py measures drafts at length).
+        draft_settings=DraftSettings(prompts=3, new_tokens=16),
+        failure_settings=FailureSettings(prompts=4, new_tokens=48),
         speed_settings=SpeedSettings(runs=3, warmup=1, prompt_tokens=64, new_tokens=32, batch_size=1),
         device="cpu",
         dtype="float32",
