@@ -3,10 +3,12 @@
     python benchmarks/fused_loss.py                      # the table quoted in the README
     python benchmarks/fused_loss.py --sizes 8192x32768x256 --divergence jsd --reps 3
     python benchmarks/fused_loss.py --budget-check       # chunk memory vs memory_budget_bytes, per divergence
+    python benchmarks/fused_loss.py --sizes 2048x151936x256 --dtypes float32,bfloat16   # Qwen's vocabulary, bf16
 
 "plain" is what a training step does without the fused path: full student logits (N, V) from the hidden states,
 teacher logits without gradient, `losses.loss_sums`, autograd. "fused" is `fused.fused_loss_sums` on the same
-hidden states and heads. Both in float32, all tokens counted, teacher and student hidden size H.
+hidden states and heads. Inputs (hidden states and heads) in float32 or, with --dtypes bfloat16, in bf16 (the matmuls
+then run in bf16 and the loss in float32, as in a bf16 run); all tokens counted, teacher and student hidden size H.
 
 Each (method, size) runs in its own subprocess so that one measurement's allocations cannot hide in another's.
 Memory is the resident-set peak of that process (getrusage ru_maxrss) minus the resident set right after the
@@ -42,10 +44,11 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     n, v, h = args.n, args.v, args.h
-    hidden = (torch.randn(n, h) / h**0.5).requires_grad_(True)
-    weight = torch.randn(v, h).requires_grad_(True)
-    teacher_hidden = torch.randn(n, h) / h**0.5
-    teacher_weight = torch.randn(v, h) * 1.5
+    dtype = getattr(torch, args.dtype)
+    hidden = (torch.randn(n, h) / h**0.5).to(dtype).requires_grad_(True)
+    weight = torch.randn(v, h).to(dtype).requires_grad_(True)
+    teacher_hidden = (torch.randn(n, h) / h**0.5).to(dtype)
+    teacher_weight = (torch.randn(v, h) * 1.5).to(dtype)
     labels = torch.randint(0, v, (n,))
     sparse = None
     if args.targets == "sparse":
@@ -98,6 +101,7 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
     return {
         "method": args.method,
+        "dtype": args.dtype,
         "n": n,
         "v": v,
         "h": h,
@@ -117,7 +121,7 @@ def _available_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def run_worker(args: argparse.Namespace, method: str, n: int, v: int, h: int) -> dict:
+def run_worker(args: argparse.Namespace, method: str, n: int, v: int, h: int, dtype: str = "float32") -> dict:
     # The plain path holds about nine float32 (N, V) tensors at its peak (measured: 9.0 GiB at N·V = 2^28).
     # Skip it rather than let the OOM killer pick a victim on a shared machine.
     need = 9 * 4 * n * v
@@ -137,6 +141,7 @@ def run_worker(args: argparse.Namespace, method: str, n: int, v: int, h: int) ->
         f"--ce-weight={args.ce_weight}",
         f"--budget-mib={args.budget_mib}",
         f"--targets={args.targets}",
+        f"--dtype={dtype}",
     ]
     env = dict(os.environ)
     if args.exact_allocator:
@@ -176,7 +181,9 @@ def budget_check(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="8192x32768x256,16384x32768x256,2048x131072x256", help="NxVxH,...")
+    parser.add_argument(
+        "--sizes", default="8192x32768x256,16384x32768x256,2048x131072x256,2048x151936x256", help="NxVxH,..."
+    )
     parser.add_argument("--methods", default="plain,fused")
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -184,6 +191,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budget-mib", type=int, default=256, help="fused memory_budget_bytes, in MiB")
     parser.add_argument("--targets", choices=["dense", "sparse"], default="dense", help="teacher logits or top-32")
+    parser.add_argument("--dtypes", default="float32", help="input dtypes, comma-separated: float32,bfloat16")
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--budget-check", action="store_true", help="chunk memory vs budget, per objective")
     parser.add_argument(
         "--exact-allocator", action="store_true", help="MALLOC_MMAP_THRESHOLD_=65536 so RSS tracks live memory"
@@ -204,16 +213,17 @@ def main() -> None:
 
     print(
         f"divergence={args.divergence} temperature={args.temperature} ce_weight={args.ce_weight} "
-        f"budget={args.budget_mib} MiB reps={args.reps} (median after 1 warm-up), float32, CPU"
+        f"budget={args.budget_mib} MiB reps={args.reps} (median after 1 warm-up), CPU, {load_line()}"
     )
     print(
-        "| N | V | H | plain extra peak MiB | fused extra peak MiB | memory plain/fused "
+        "| N | V | H | dtype | plain extra peak MiB | fused extra peak MiB | memory plain/fused "
         "| plain s | fused s | time fused/plain |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for size in args.sizes.split(","):
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    cases = [(size, dtype) for size in args.sizes.split(",") for dtype in args.dtypes.split(",")]
+    for size, dtype in cases:
         n, v, h = (int(x) for x in size.split("x"))
-        results = {m: run_worker(args, m, n, v, h) for m in args.methods.split(",")}
+        results = {m: run_worker(args, m, n, v, h, dtype) for m in args.methods.split(",")}
         plain, fused = results.get("plain", {}), results.get("fused", {})
 
         def cell(value, fmt):
@@ -224,7 +234,7 @@ def main() -> None:
         ratio_m = pm / fm if pm and fm else None
         ratio_t = ft / pt if pt and ft else None
         print(
-            f"| {n} | {v} | {h} | {cell(pm, '.0f')} | {cell(fm, '.0f')} "
+            f"| {n} | {v} | {h} | {dtype} | {cell(pm, '.0f')} | {cell(fm, '.0f')} "
             f"| {cell(ratio_m, '.1f')}{'x' if ratio_m else ''} "
             f"| {cell(pt, '.2f')} | {cell(ft, '.2f')} | {cell(ratio_t, '.2f')} |"
         )
@@ -232,6 +242,12 @@ def main() -> None:
             if "error" in r:
                 print(f"  {r['method']} failed: {r['error']}", file=sys.stderr)
         sys.stdout.flush()
+    print(f"after: {load_line()} (times depend on what else runs on the machine; memory does not)")
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
 if __name__ == "__main__":

@@ -223,6 +223,9 @@ def measure_process(command: list[str], env: dict, log_path: Path, first_step_ti
     first = first or first_step_time()
     return {
         "wall_s": wall,
+        # CPU seconds the process used (user + system): on a machine shared with other jobs, the work done, where
+        # wall time also counts the waiting for a core.
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "startup_s": (first - start) if first else float("nan"),
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
         "tree_rss_mib": tree_peak / 2**20,
@@ -255,18 +258,20 @@ def distill_steps(metrics: Path) -> tuple[list[float], list[float]]:
     return [b - a for a, b in zip([0.0, *ends], ends, strict=False)], [e["loss"] for e in train]
 
 
-def run_distill(recipe: Path, args, tokens_per_step: int, env: dict) -> dict:
+def run_distill(recipe: Path, args, tokens_per_step: int, env: dict, overrides: tuple[str, ...] = ()) -> dict:
     import yaml
 
     out = Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
     metrics = out / "metrics.jsonl"
-    command = [sys.executable, "-m", "distill", "train", str(recipe), "--quiet"]
+    command = [sys.executable, "-m", "distill", "train", str(recipe), "--quiet", *overrides]
     result = measure_process(command, env, recipe.with_suffix(".log"), distill_first_step(metrics))
     steps, losses = distill_steps(metrics)
     return {**result, **step_stats(steps, args.warmup, tokens_per_step), "losses": losses}
 
 
-def run_trl(folder: Path, teacher: Path, student: Path, rows: Path, args, tokens_per_step: int, env: dict) -> dict:
+def run_trl(
+    folder: Path, teacher: Path, student: Path, rows: Path, args, tokens_per_step: int, env: dict, tag: str = ""
+) -> dict:
     spec = {
         "teacher": str(teacher),
         "student": str(student),
@@ -274,10 +279,10 @@ def run_trl(folder: Path, teacher: Path, student: Path, rows: Path, args, tokens
         "steps": args.steps,
         "batch": args.batch,
         "tokens": args.tokens,
-        "out": str(folder / "trl"),
-        "timeline": str(folder / "trl-timeline.jsonl"),
+        "out": str(folder / f"trl{tag}"),
+        "timeline": str(folder / f"trl{tag}-timeline.jsonl"),
     }
-    spec_path = folder / "trl-spec.json"
+    spec_path = folder / f"trl{tag}-spec.json"
     spec_path.write_text(json.dumps(spec))
     timeline = Path(spec["timeline"])
 
@@ -292,13 +297,28 @@ def run_trl(folder: Path, teacher: Path, student: Path, rows: Path, args, tokens
         return begins[0] if begins else None
 
     command = [args.trl_python, str(HERE), "--trl-worker", str(spec_path)]
-    result = measure_process(command, env, folder / "trl.log", first_step)
+    result = measure_process(command, env, folder / f"trl{tag}.log", first_step)
     timeline_events = events()
     begin = next(e["t"] for e in timeline_events if e["event"] == "step_begin")
     ends = [e["t"] for e in timeline_events if e["event"] == "step_end"]
     steps = [b - a for a, b in zip([begin, *ends], ends, strict=False)]
     losses = [e["loss"] for e in timeline_events if e["event"] == "loss"]
     return {**result, **step_stats(steps, args.warmup, tokens_per_step), "losses": losses}
+
+
+def parse_variants(variants: list[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """--variant "LABEL:key=value,key=value" -> (LABEL, overrides) for extra distill runs (other settings)."""
+    parsed = []
+    for text in variants or []:
+        label, _, overrides = text.partition(":")
+        parsed.append((label.strip(), tuple(o.strip() for o in overrides.split(",") if o.strip())))
+    return parsed
+
+
+def median_run(results: list[dict]) -> dict:
+    """Each number the median over the rounds; the losses of the first round."""
+    merged = {key: statistics.median(r[key] for r in results) for key in results[0] if key != "losses"}
+    return {**merged, "losses": results[0]["losses"], "rounds": len(results)}
 
 
 def step_stats(steps: list[float], warmup: int, tokens_per_step: int) -> dict:
@@ -523,14 +543,14 @@ def ratio(a: float, b: float) -> str:
 def print_table(title: str, runs: dict[str, dict], reference: str) -> None:
     print(title)
     header = (
-        f"{'tool':<24} | {'wall s':>7} | {'start-up s':>10} | {'step s':>7} | {'tokens/s':>9} | "
+        f"{'tool':<24} | {'wall s':>7} | {'CPU s':>7} | {'start-up s':>10} | {'step s':>7} | {'tokens/s':>9} | "
         f"{'peak RSS MiB':>12} | {'tree RSS MiB':>12}"
     )
     print(header)
     print("-" * len(header))
     for name, r in runs.items():
         print(
-            f"{name:<24} | {r['wall_s']:7.2f} | {r['startup_s']:10.2f} | {r['step_s']:7.3f} | "
+            f"{name:<24} | {r['wall_s']:7.2f} | {r['cpu_s']:7.2f} | {r['startup_s']:10.2f} | {r['step_s']:7.3f} | "
             f"{r['tokens_per_s']:9.0f} | {r['peak_rss_mib']:12.0f} | {r['tree_rss_mib']:12.0f}"
         )
     ref = runs[reference]
@@ -538,7 +558,7 @@ def print_table(title: str, runs: dict[str, dict], reference: str) -> None:
         if name == reference:
             continue
         print(
-            f"{name} / {reference}: wall {ratio(r['wall_s'], ref['wall_s'])}, "
+            f"{name} / {reference}: wall {ratio(r['wall_s'], ref['wall_s'])}, CPU {ratio(r['cpu_s'], ref['cpu_s'])}, "
             f"start-up {ratio(r['startup_s'], ref['startup_s'])}, step time {ratio(r['step_s'], ref['step_s'])}, "
             f"tokens/s {ratio(r['tokens_per_s'], ref['tokens_per_s'])}, "
             f"peak RSS {ratio(r['peak_rss_mib'], ref['peak_rss_mib'])}"
@@ -594,6 +614,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (and rows in the data)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of both tools")
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the step-time median")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each tool, taking turns; medians reported")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        metavar="LABEL:key=value,...",
+        help="also run distill with these recipe overrides, e.g. 'distill + checkpointing:training."
+        "gradient_checkpointing=true' (repeatable)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny pair, 4 steps, 32 tokens")
     parser.add_argument("--report", action="store_true", help="also run distill with its report (on for tiny)")
     parser.add_argument("--profile", action="store_true", help="per-phase step times of both tools instead")
@@ -630,16 +658,25 @@ def main() -> None:
             return run_profile(folder, teacher, student, rows, args, env)
 
         print(f"{load_line()} (before)")
-        runs: dict[str, dict] = {}
-        if args.report or args.pair == "tiny":
-            recipe = distill_recipe(folder, "distill-report", teacher, student, rows, args, report=True)
-            runs["distill (with report)"] = run_distill(recipe, args, tokens_per_step, env)
-            print(f"{load_line()} (after distill with report)")
-        recipe = distill_recipe(folder, "distill", teacher, student, rows, args, report=False)
-        runs["distill"] = run_distill(recipe, args, tokens_per_step, env)
-        print(f"{load_line()} (after distill)")
-        runs["TRL GKDTrainer"] = run_trl(folder, teacher, student, rows, args, tokens_per_step, env)
-        print(f"{load_line()} (after TRL)")
+        rounds: dict[str, list[dict]] = {}
+        for i in range(args.rounds):  # the tools take turns, so a change of load falls on both
+            tag = f"-r{i + 1}" if args.rounds > 1 else ""
+            if args.report or args.pair == "tiny":
+                recipe = distill_recipe(folder, f"distill-report{tag}", teacher, student, rows, args, report=True)
+                rounds.setdefault("distill (with report)", []).append(run_distill(recipe, args, tokens_per_step, env))
+                print(f"{load_line()} (after distill with report{tag})")
+            recipe = distill_recipe(folder, f"distill{tag}", teacher, student, rows, args, report=False)
+            rounds.setdefault("distill", []).append(run_distill(recipe, args, tokens_per_step, env))
+            print(f"{load_line()} (after distill{tag})")
+            for j, (label, overrides) in enumerate(parse_variants(args.variant)):
+                recipe = distill_recipe(folder, f"distill-v{j + 1}{tag}", teacher, student, rows, args, report=False)
+                result = run_distill(recipe, args, tokens_per_step, env, overrides)
+                rounds.setdefault(label, []).append(result)
+                print(f"{load_line()} (after {label}{tag})")
+            trl = run_trl(folder, teacher, student, rows, args, tokens_per_step, env, tag)
+            rounds.setdefault("TRL GKDTrainer", []).append(trl)
+            print(f"{load_line()} (after TRL{tag})")
+        runs = {name: median_run(results) for name, results in rounds.items()}
         imports = {
             "distill": import_time(sys.executable, "import distill.train.loop", env),
             "TRL GKDTrainer": import_time(args.trl_python, "from trl.experimental.gkd import GKDTrainer", env),
@@ -649,7 +686,7 @@ def main() -> None:
     print_table(
         f"{args.pair} pair, {args.batch} x up to {args.tokens} tokens ({tokens_per_step} real tokens) per step, "
         f"{args.steps} steps, fp32 CPU; step time = median of {runs['distill']['steps_timed']} steps after "
-        f"{args.warmup} warm-up",
+        f"{args.warmup} warm-up; {args.rounds} round(s), the tools taking turns (medians)",
         runs,
         reference="TRL GKDTrainer",
     )

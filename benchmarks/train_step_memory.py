@@ -1,10 +1,14 @@
-"""Peak resident memory of whole `distill train` steps with the fused loss on and off.
+"""Peak resident memory of whole `distill train` steps: the fused loss on and off, or gradient checkpointing on and
+off (fused loss on).
 
-Models with a 32768-token vocabulary, 8 sequences × 1024 tokens per optimizer step, float32 on CPU. Each
-configuration runs `distill train` in its own process; the peak is that process's maximum resident set
-(ru_maxrss of the child), so it includes the models, the optimizer and the activations, not only the loss.
+Models: `--pair small` (default) a Llama teacher 4×256 and student 2×128 with a `--vocab` (32768) vocabulary;
+`--pair smollm` the SmolLM2-135M-shaped teacher and its 15-layer pruned student of benchmarks/peer_trl.py (V=49152).
+8 sequences × 1024 tokens per optimizer step, float32 on CPU. Each configuration runs `distill train` in its own
+process; the peak is that process's maximum resident set (ru_maxrss of the child), so it includes the models, the
+optimizer and the activations, not only the loss.
 
     python benchmarks/train_step_memory.py [--steps 2] [--vocab 32768] [--tokens 1024] [--batch 8]
+    python benchmarks/train_step_memory.py --pair smollm --compare checkpointing --steps 1
 """
 
 from __future__ import annotations
@@ -65,12 +69,11 @@ def write_data(folder: Path, vocab_size: int, tokens: int, rows: int) -> tuple[P
     return train, held_out
 
 
-def peak_of_run(recipe: Path, fused: bool) -> tuple[float, float]:
+def peak_of_run(recipe: Path, overrides: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, training tokens/s) of one `distill train` in a fresh process."""
     probe = (
         "import resource, subprocess, sys; "
-        f"r = subprocess.run([sys.executable, '-m', 'distill', 'train', {str(recipe)!r}, '--quiet', "
-        f"'objective.fused={str(fused).lower()}']); "
+        f"r = subprocess.run([sys.executable, '-m', 'distill', 'train', {str(recipe)!r}, '--quiet', *{overrides!r}]); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -87,33 +90,51 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pair", choices=["small", "smollm"], default="small", help="models (see the docstring)")
+    parser.add_argument(
+        "--compare",
+        choices=["fused", "checkpointing"],
+        default="fused",
+        help="objective.fused off/on, or training.gradient_checkpointing off/on with the fused loss",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        teacher, student = build_models(folder, args.vocab, args.tokens)
+        if args.pair == "smollm":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from peer_trl import PAIRS, build_pair
+
+            args.vocab = PAIRS["smollm"]["vocab_size"]
+            teacher, student = build_pair(folder, "smollm", print)
+        else:
+            teacher, student = build_models(folder, args.vocab, args.tokens)
         train, held_out = write_data(folder, args.vocab, args.tokens, rows=args.batch * args.steps)
+        key = "objective.fused" if args.compare == "fused" else "training.gradient_checkpointing"
         results = {}
-        for fused in (False, True):
-            recipe = folder / f"recipe-{fused}.yaml"
+        for on in (False, True):
+            recipe = folder / f"recipe-{on}.yaml"
             content = {
-                "teacher": {"path": str(teacher)},
+                "teacher": {"path": str(teacher), "dtype": "float32"},
                 "student": {"path": str(student)},
                 "data": {"train": str(train), "eval": str(held_out), "max_length": args.tokens},
                 "objective": {"divergence": "forward_kl", "ce_weight": 0.1},
                 "training": {"steps": args.steps, "batch_size": args.batch, "save_every": 1000, "log_every": 1},
                 "report": {"enabled": False},
-                "output": {"dir": str(folder / f"run-{fused}")},
+                "output": {"dir": str(folder / f"run-{on}")},
             }
             recipe.write_text(yaml.safe_dump(content))
-            results[fused] = peak_of_run(recipe, fused)
+            results[on] = peak_of_run(recipe, [f"{key}={str(on).lower()}"])
 
-    plain, fused = results[False], results[True]
-    print(f"distill train, V={args.vocab}, {args.batch} x {args.tokens} tokens per step, {args.steps} steps, fp32 CPU")
-    print(f"{'objective.fused':>16} | {'peak RSS MiB':>12} | {'tokens/s':>9}")
-    print(f"{'false':>16} | {plain[0]:12.0f} | {plain[1]:9.0f}")
-    print(f"{'true':>16} | {fused[0]:12.0f} | {fused[1]:9.0f}")
-    print(f"peak memory plain/fused: {plain[0] / fused[0]:.1f}x; tokens/s fused/plain: {fused[1] / plain[1]:.2f}")
+    off, on = results[False], results[True]
+    print(
+        f"distill train, {args.pair} pair, V={args.vocab}, {args.batch} x {args.tokens} tokens per step, "
+        f"{args.steps} steps, fp32 CPU"
+    )
+    print(f"{key:>31} | {'peak RSS MiB':>12} | {'tokens/s':>9}")
+    print(f"{'false':>31} | {off[0]:12.0f} | {off[1]:9.0f}")
+    print(f"{'true':>31} | {on[0]:12.0f} | {on[1]:9.0f}")
+    print(f"peak memory false/true: {off[0] / on[0]:.2f}x; tokens/s true/false: {on[1] / off[1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -342,3 +342,12 @@ def test_help_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_fsdp_on_one_process_needs_a_launcher():
+    """training.distributed=fsdp under `torchrun --nproc_per_node 1` shards (benchmarks/gpu_check.py runs it on one
+    GPU); a plain one-process run stays unwrapped."""
+    from distill.train.parallel import pick_strategy
+
+    assert pick_strategy("fsdp", 1) == "single"
+    assert pick_strategy("auto", 2) == "ddp" and pick_strategy("fsdp", 2) == "fsdp"

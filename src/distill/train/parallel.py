@@ -27,10 +27,15 @@ from distill.errors import DistillError
 
 
 def pick_strategy(requested: str, world: int) -> str:
-    """'single', 'ddp' or 'fsdp' for this launch."""
-    if world == 1:
-        return "single"
-    return "fsdp" if requested == "fsdp" else "ddp"
+    """'single', 'ddp' or 'fsdp' for this launch.
+
+    FSDP2 also on one process when a launcher set up a process group (`torchrun --nproc_per_node 1`): the same
+    sharded code path on one GPU, checked by benchmarks/gpu_check.py. A plain one-process run is 'single'."""
+    import torch.distributed as dist
+
+    if requested == "fsdp" and (world > 1 or (dist.is_available() and dist.is_initialized())):
+        return "fsdp"
+    return "single" if world == 1 else "ddp"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -118,7 +118,7 @@ def set_up(recipe: Recipe, accelerator, out: Path, checkpoint: Path | None, log)
         )
     if strategy == "fsdp" and accelerator.mixed_precision == "fp16":
         raise DistillError("training.mixed_precision=fp16 does not work with training.distributed=fsdp; use bf16")
-    if world > 1:
+    if world > 1 or strategy == "fsdp":
         log(f"{world} processes, {strategy.upper()}; {per_rank} sequences per process and step")
     # A teacher that is the student's own base (LoRA self-distillation) is sharded with the student and has its head.
     own_teacher = is_base_view(models.teacher)
