@@ -68,6 +68,7 @@ def main() -> None:
     from distill.report.draft import DraftSettings
     from distill.report.evaluate import evaluate_models
     from distill.report.failures import FailureSettings
+    from distill.report.speed import SpeedSettings
     from distill.student.build import build_student
 
     torch.set_num_threads(1)  # as the demo: these models are too small for a second thread to help
@@ -93,7 +94,7 @@ def main() -> None:
             {k: str(v) for k, v in models.items()},
             str(data["eval"]),
             None,  # the table below is the result; report.json/.html are written after it, with --out
-            speed=False,
+            speed_settings=SpeedSettings(runs=1, warmup=0, prompt_tokens=32, new_tokens=8, batch_size=1),  # the least
             draft_settings=DraftSettings(prompts=args.prompts, new_tokens=args.new, draft_tokens=args.gamma),
             failure_settings=FailureSettings(prompts=0),
             device="cpu",

@@ -14,6 +14,7 @@ from distill.models import load_model
 from distill.report.draft import DraftSettings, measure_draft
 from distill.report.evaluate import evaluate_models
 from distill.report.failures import FailureSettings
+from distill.report.speed import SpeedSettings
 from distill.sampling import decode, eos_ids
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
@@ -134,7 +135,7 @@ def drafted(tmp_path_factory, teacher_dir, student_dir):
         models,
         str(data),
         str(folder / "out"),
-        speed=False,
+        speed_settings=SpeedSettings(runs=1, warmup=0, prompt_tokens=4, new_tokens=2, batch_size=1),
         draft_settings=settings,
         failure_settings=failures,
         **QUIET,
@@ -155,6 +156,7 @@ def test_report_gives_every_model_a_draft_entry(drafted):
 
 def test_draft_off_leaves_null_keys_and_a_note(teacher_dir, student_dir, tmp_path):
     data = write_jsonl(tmp_path / "eval.jsonl", [{"text": "hello world, the lazy fox"}] * 2)
+    none = FailureSettings(prompts=0)
     report = evaluate_models(
         str(teacher_dir),
         {"student": str(student_dir)},
@@ -162,10 +164,14 @@ def test_draft_off_leaves_null_keys_and_a_note(teacher_dir, student_dir, tmp_pat
         None,
         speed=False,
         draft=False,
-        failure_settings=FailureSettings(prompts=0),
+        failure_settings=none,
         **QUIET,
     )
     student = report["models"]["student"]
     assert student["draft_acceptance_rate"] is None and student["speculative_decode_speedup"] is None
     assert "report.draft is off" in student["draft_note"]
     assert ReportConfig().draft is True
+    untimed = evaluate_models(
+        str(teacher_dir), {"student": str(student_dir)}, str(data), None, speed=False, failure_settings=none, **QUIET
+    )
+    assert "timing is off" in untimed["models"]["student"]["draft_note"]  # the check times the teacher

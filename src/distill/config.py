@@ -362,7 +362,9 @@ class ReportConfig(Section):
     generation: str | None = Field(None, description="Prompt/answer rows for an exact-match generation check.")
     max_rows: int | None = Field(None, gt=0, description="Evaluate at most this many held-out examples.")
     draft: bool = Field(
-        True, description="Measure each model as the teacher's speculative-decoding draft (acceptance, speed-up)."
+        True,
+        description="Measure each model as the teacher's speculative-decoding draft (acceptance, speed-up); "
+        "a timing, so only with report.speed.",
     )
     tasks: list[str] = Field(
         default_factory=list,

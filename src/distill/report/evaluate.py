@@ -149,7 +149,8 @@ class _EvalData:
     generation_rows: list[dict] | None
     prompt_limit: int  # exact match keeps a prompt's last tokens
     generation_extra_tokens: int
-    draft_settings: DraftSettings | None = None  # None: drafts not measured (report.draft off)
+    draft_settings: DraftSettings | None = None  # None: drafts not measured (draft_off says why)
+    draft_off: str | None = None
     draft_prompts: list[list[int]] | None = None
     failure_settings: FailureSettings | None = None
     failure_prompts: list[list[int]] | None = None
@@ -200,7 +201,8 @@ def evaluate_models(
     extra keys) and writes report.json/.md/.html and PNGs into `out_dir` (None: writes nothing). User mistakes
     raise DistillError. Metrics come from hidden states, `memory_budget_bytes` of float32 logits at a time.
 
-    `draft` measures every model as the teacher's speculative-decoding draft (`DraftSettings`: prompts, lengths);
+    `draft` measures every model as the teacher's speculative-decoding draft (`DraftSettings`: prompts, lengths;
+    only with `speed`, as it times the teacher with and without the draft);
     `failure_settings` sets the greedy generations behind the failure modes (prompts=0: none, calibration only).
     `tasks` (lm-eval names or task YAML files, `tasks_limit` documents each) run on every model: report["tasks"].
     `cross_tokenizer`: models may have other tokenizers than the teacher's; each is scored on its own tokenization
@@ -228,7 +230,9 @@ def evaluate_models(
             metrics_path=metrics_path,
         )
     evaluation = _eval_data(teacher_spec, specs, data, max_length, max_rows, generation, generation_extra_tokens, log)
-    _judging_prompts(evaluation, (draft_settings or DraftSettings()) if draft else None, failure_settings)
+    # The draft check is a timing too (teacher with and without the draft): off with the other timings.
+    draft_off = "report.draft is off" if not draft else None if speed else "timing is off (report.speed, --no-speed)"
+    _judging_prompts(evaluation, None if draft_off else draft_settings or DraftSettings(), failure_settings, draft_off)
     evaluation.tasks = prepare_tasks(tasks, tasks_limit, batch_size)  # checked before any model runs
     settings = (speed_settings or SpeedSettings()) if speed else None
 
@@ -317,8 +321,12 @@ def _eval_data(
     )
 
 
-def _judging_prompts(evaluation: _EvalData, draft: DraftSettings | None, failures: FailureSettings | None) -> None:
-    """The eval prompts the draft measurement and the failure-mode generations continue (the same for every model)."""
+def _judging_prompts(
+    evaluation: _EvalData, draft: DraftSettings | None, failures: FailureSettings | None, draft_off: str | None
+) -> None:
+    """The eval prompts the draft measurement and the failure-mode generations continue (the same for every model);
+    `draft_off` says why drafts are not measured (None: they are)."""
+    evaluation.draft_off = draft_off
     failures = failures or FailureSettings()
     evaluation.failure_settings = failures
     evaluation.failure_prompts = eval_prompts(evaluation.examples, failures.prompts, failures.prompt_tokens)
@@ -389,7 +397,7 @@ def _cost(model, spec: ModelSpec, vocab_size: int, evaluation: _EvalData, settin
 def _draft(teacher, model, name: str, evaluation: _EvalData, vocab_size: int, log) -> dict:
     """`measure_draft` of `model` for the teacher, or null keys and a note saying why it was not measured."""
     settings, prompts = evaluation.draft_settings, evaluation.draft_prompts
-    reason = "report.draft is off" if settings is None else draft_skip_reason(teacher, model)
+    reason = evaluation.draft_off if settings is None else draft_skip_reason(teacher, model)
     if reason is None and not prompts:
         reason = "no eval prompts"
     if reason is None:
