@@ -249,3 +249,24 @@ def test_a_tokenizer_whose_strings_do_not_spell_text_is_refused():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     with pytest.raises(DistillError, match="objective.cross_tokenizer: the student's vocabulary strings"):
         token_table(fast, "student")
+
+
+def test_chat_rows_keep_their_markers(trained):
+    """A chat row whose template writes BOS and EOS around every turn: against its own tokenizer the teacher's view
+    is the row itself (every counted target 1:1); against the SentencePiece teacher the markers map by role and
+    only the assistant turn (the counted targets) has anchors."""
+    from conftest import train_tokenizer
+    from distill.data import encode_row
+
+    student = train_tokenizer()
+    row = {"messages": [{"role": "user", "content": "héllo 你好"}, {"role": "assistant", "content": "the student 😀"}]}
+    ids, mask = encode_row(row, student)
+    itself = TokenizerPair(student, student).align(ids, mask)
+    assert itself.teacher_ids == ids and len(itself.anchors) == itself.targets and all(e for *_, e in itself.anchors)
+    teacher = trained[1]
+    a = TokenizerPair(student, teacher).align(ids, mask)
+    tokens = teacher.convert_ids_to_tokens(a.teacher_ids)
+    assert tokens[0] == "<s>" and tokens.count("<s>") == 2 and tokens.count("</s>") == 2
+    first_target = mask.index(True)
+    assert {i + 1 for i, _, _ in a.anchors} <= set(range(first_target, len(ids)))
+    assert a.anchors[-1][2] and tokens[a.anchors[-1][1] + 1] == "</s>"  # the turn's EOS and the teacher's, 1:1

@@ -12,9 +12,9 @@ Terms used here and in `distill.losses.cross_tokenizer`:
             added tokens (chat markers) as their content. `TokenTable` holds one per id.
 - marker    BOS and EOS stand for no text; they are matched by role, not by string: the student's EOS and the
             teacher's EOS take the same one-unit span of the axis. A role one side lacks is zero-width there.
-            Each sequence starts the way its own tokenizer starts a text: the teacher gets its own BOS whether or
-            not the student has one (the BOS asymmetry of TRL #4393), and a student BOS the teacher would not
-            write is not passed on.
+            The teacher's sequence starts the way its own tokenizer starts a text (its BOS, or nothing), whether
+            or not the student's has a BOS (the BOS asymmetry of TRL #4393); a student BOS at the start becomes
+            the teacher's BOS when it has one (a chat template that writes BOS itself).
 - span      [start, end) of a token on the axis; SentencePiece's dummy-prefix space before a text is not part of
             the text (zero bytes), on either side.
 - anchor    a counted student target and a teacher target that start at the same offset: both models predict them
@@ -231,7 +231,10 @@ class TokenizerPair:
     def align(self, ids: list[int], loss_mask: list[bool] | None = None) -> Alignment:
         """The teacher's view of the student sequence `ids` and the anchors among its counted targets."""
         s, t = self.student, self.teacher
-        out = Alignment(list(t.leading), [(0, 0)] * len(ids), [(0, 0)] * len(t.leading), [True] * len(t.leading))
+        # The teacher starts as its tokenizer starts a text, or with its own BOS where the student starts with one.
+        bos_first = bool(ids) and ids[0] == s.bos_id and s.pieces[ids[0]] is None and t.bos_id is not None
+        first = [t.bos_id] if bos_first else list(t.leading)
+        out = Alignment(first, [(0, 0)] * len(ids), [(0, 0)] * len(first), [True] * len(first))
         offset, k = 0, 0
         while k < len(ids):
             token = ids[k]
@@ -264,8 +267,9 @@ class TokenizerPair:
         """Place student tokens ids[first:end] (all text) from `offset` and the teacher's tokens of their text;
         returns the offset after them."""
         pieces = [self.student.pieces[i] for i in ids[first:end]]
-        if self._dummy_prefix(ids[first], b"".join(pieces)):
-            pieces[0] = pieces[0][1:]  # the dummy prefix is not text
+        if self._dummy_prefix(ids[first], b"".join(pieces)):  # the dummy prefix is not text
+            j = next(j for j, piece in enumerate(pieces) if piece)
+            pieces[j] = pieces[j][1:]
         cursor = offset
         for k, piece in zip(range(first, end), pieces, strict=True):
             out.student_spans[k] = (cursor, cursor + len(piece))

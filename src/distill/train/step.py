@@ -150,11 +150,11 @@ class StudentLoss(nn.Module):
 
             hidden = backbone_hidden_states(self.student, **inputs)[:, :-1]  # (B, T-1, H)
             head = output_head(self.student)
-            # No teacher given: the fused pass is the hard-label term (its kd sum is 0); its gradient only if weighted.
-            with nullcontext() if o.ce_weight else torch.no_grad():
-                ce_loss, _, ce_sum = fused_loss_sums(
-                    hidden, head, labels, objective=o, vocab_size=self.vocab_size, normalizer=normalizer
-                )
+            # No teacher given: the fused pass is the hard-label term (its kd sum is 0). Kept in the graph even at
+            # ce_weight 0, so that a micro-batch without anchors still gives every parameter a (zero) gradient (DDP).
+            ce_loss, _, ce_sum = fused_loss_sums(
+                hidden, head, labels, objective=o, vocab_size=self.vocab_size, normalizer=normalizer
+            )
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets.student_index)  # (N, H)
             kd_sum = cross_tokenizer_sum(rows, targets, o, c.mode, vocab_sizes, c.buckets, head, self.teacher_head)
         else:
