@@ -2,19 +2,21 @@
 held-out KL to the teacher after the same steps; and the memory of LoRA self-distillation (one copy of the weights)
 against the same run with a second copy of the teacher as its student.
 
-The teacher is the shipped demo teacher; the student is pruned from it (`--layers`, depth only, KL layer choice);
+The teacher is the shipped demo teacher; the student is pruned from it (`--layers`, depth only, `--layer-selection`);
 data as in `distill demo` (Python's standard library via `distill.demo.corpus`, eval = held-out modules). Each run
-is one `distill train` in its own process: its peak is that process's maximum resident set (ru_maxrss), so it
-includes Python, torch, both models, the optimizer and the activations; its step time is the median over the steps
-after the first.
+is one `distill train` in its own process on one thread: its peak is that process's maximum resident set (ru_maxrss),
+so it includes Python, torch, both models, the optimizer and the activations; its step time is the median over the
+steps after the first, and its CPU time (user + system, loading and saving included) is the figure least disturbed by
+other work on a shared machine.
 
-    python benchmarks/lora.py [--steps 30] [--layers 3] [--r 16] [--batch-size 8] [--max-length 128]
+    python benchmarks/lora.py [--steps 24] [--layers 3] [--r 16] [--batch-size 8] [--max-length 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -29,15 +31,18 @@ TEACHER = Path(__file__).resolve().parents[1] / "src" / "distill" / "demo" / "te
 
 
 def run_train(recipe: dict, folder: Path, name: str) -> dict:
-    """One `distill train` in a fresh process: its peak RSS (MiB) and median step time (s)."""
+    """One `distill train` in a fresh process (one thread): its peak RSS (MiB), median step time (s) and the CPU
+    seconds of the whole process (less sensitive than wall time to other work on a shared machine)."""
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     probe = (
         "import resource, subprocess, sys; "
         f"r = subprocess.run([sys.executable, '-m', 'distill', 'train', {str(path)!r}, '--quiet']); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(u.ru_maxrss, u.ru_utime + u.ru_stime); sys.exit(r.returncode)"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     out = Path(recipe["output"]["dir"])
@@ -46,8 +51,10 @@ def run_train(recipe: dict, folder: Path, name: str) -> dict:
     # log_every=1: each train event is one step; its time is the step's tokens over its tokens/s.
     times = [(b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(steps, steps[1:], strict=False)]
     summary = json.loads((out / "student" / "summary.json").read_text())
+    maxrss, cpu_s = done.stdout.strip().splitlines()[-1].split()
     return {
-        "peak_mib": int(done.stdout.strip().splitlines()[-1]) / 1024,
+        "peak_mib": int(maxrss) / 1024,
+        "cpu_s": float(cpu_s),
         "step_s": statistics.median(times),
         "trainable": summary.get("trainable_params", summary["student_params"]),
         "student_dir": out / "student",
@@ -63,6 +70,11 @@ def held_out_kl(model_dir: Path, teacher, tokenizer, eval_data: Path, max_length
     model = load_model(str(model_dir), "student", torch.float32).eval()
     batches = iter_batches(examples[:64], 8, pad_id_of(tokenizer))
     return evaluate_batches(model, teacher, batches, len(tokenizer), torch.device("cpu"))["kl_to_teacher"]
+
+
+def _brief(result: dict) -> str:
+    """One line per finished run (stderr), so a run cut short still leaves its figures."""
+    return json.dumps({k: v for k, v in result.items() if k != "student_dir"})
 
 
 def base_recipe(args, data: dict, student: Path, out: Path, lr: float, lora: dict | None) -> dict:
@@ -108,7 +120,7 @@ def parameter_bytes(recipe: dict) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -116,6 +128,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="full fine-tuning (and the first LoRA row)")
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="the second LoRA row (LoRA often wants more)")
     parser.add_argument("--self-steps", type=int, default=4)
+    parser.add_argument("--layer-selection", default="uniform", help="how the student is pruned (kl costs 20 passes)")
     args = parser.parse_args()
 
     from transformers.utils import logging as hf_logging
@@ -133,7 +146,14 @@ def main() -> None:
         work = Path(tmp)
         data = write_data(work, eval_rows=64, completion_rows=0)
         student = work / "pruned"
-        build_student(str(TEACHER), student, layers=args.layers, calibration=str(data["calibration"]), log=print)
+        build_student(
+            str(TEACHER),
+            student,
+            layers=args.layers,
+            calibration=str(data["calibration"]),
+            layer_selection=args.layer_selection,
+            log=lambda line: print(line, file=sys.stderr),
+        )
         kl_start = held_out_kl(student, teacher, tokenizer, data["eval"], args.max_length)
         for name, lr, spec in (
             ("full fine-tuning", args.lr, None),
@@ -144,7 +164,7 @@ def main() -> None:
             result = run_train(base_recipe(args, data, student, out, lr, spec), work, out.name)
             result["kl"] = held_out_kl(result["student_dir"], teacher, tokenizer, data["eval"], args.max_length)
             rows.append((name, lr, result))
-            print(f"{name} lr={lr:g}: done", file=sys.stderr)
+            print(f"{name} lr={lr:g}: {_brief(result)}", file=sys.stderr, flush=True)
 
         # Self-distillation: an adapter on the teacher itself, teacher pass = adapter disabled (one copy), against
         # the same run whose student is a second copy of the teacher's folder (two copies of the weights).
@@ -158,28 +178,32 @@ def main() -> None:
             result = run_train(recipe, work, f"self-{len(own)}")
             result["param_mib"] = parameter_bytes(recipe) / 2**20
             own[name] = result
+            print(f"self-distillation, {name}: {_brief(result)}", file=sys.stderr, flush=True)
 
     full = rows[0][2]
     print(
-        f"demo teacher ({TEACHER.name}, 6 layers) -> pruned student ({args.layers} layers); {args.steps} steps x "
-        f"{args.batch_size} x {args.max_length} tokens, forward KL, fp32 CPU; held-out KL at the start {kl_start:.3f}"
+        f"demo teacher (6 layers) -> student pruned to {args.layers} layers ({args.layer_selection}); "
+        f"{args.steps} steps x {args.batch_size} x {args.max_length} tokens, forward KL, fp32 CPU; "
+        f"held-out KL at the start {kl_start:.3f}"
     )
-    print("| student training | lr | trainable params | step time | peak RSS | held-out KL after |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| student training | lr | trainable params | step time | CPU time of the run | peak RSS | held-out KL |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, lr, r in rows:
         print(
             f"| {name} | {lr:g} | {r['trainable']:,} ({r['trainable'] / full['trainable']:.3f}x) "
             f"| {r['step_s']:.3f} s ({r['step_s'] / full['step_s']:.2f}x) "
+            f"| {r['cpu_s']:.0f} s ({r['cpu_s'] / full['cpu_s']:.2f}x) "
             f"| {r['peak_mib']:.0f} MiB ({r['peak_mib'] / full['peak_mib']:.2f}x) | {r['kl']:.3f} |"
         )
     print(f"\nLoRA r={args.r} self-distillation of the demo teacher, {args.self_steps} steps")
-    print("| weights held | parameter memory (student + teacher) | peak RSS | step time |")
-    print("|---|---:|---:|---:|")
+    print("| weights held | parameter memory (student + teacher) | peak RSS | step time | CPU time of the run |")
+    print("|---|---:|---:|---:|---:|")
     two = own["two copies"]
     for name, r in own.items():
         print(
             f"| {name} | {r['param_mib']:.1f} MiB ({r['param_mib'] / two['param_mib']:.2f}x) "
-            f"| {r['peak_mib']:.0f} MiB ({r['peak_mib'] / two['peak_mib']:.2f}x) | {r['step_s']:.3f} s |"
+            f"| {r['peak_mib']:.0f} MiB ({r['peak_mib'] / two['peak_mib']:.2f}x) | {r['step_s']:.3f} s "
+            f"| {r['cpu_s']:.0f} s ({r['cpu_s'] / two['cpu_s']:.2f}x) |"
         )
 
 

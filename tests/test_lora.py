@@ -121,10 +121,11 @@ def test_resume_is_bitwise_exact(tmp_path, teacher_dir, student_dir, train_file)
     lora = {**LORA, "dropout": 0.1}
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _train(_recipe(teacher_dir, student_dir, train_file, whole, lora))
-    _train(_recipe(teacher_dir, student_dir, train_file, cut, lora))
-    for name in ("student", "adapter", "checkpoints/step-4"):
-        shutil.rmtree(cut / name)  # as if killed right after the step-2 checkpoint
+    # A run killed right after its step-2 checkpoint: that checkpoint, alone in a fresh run folder.
+    shutil.copytree(whole / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
+    assert all(".lora_" in k for k in load_file(str(cut / "checkpoints" / "step-2" / "model.safetensors")))
     train(recipe_from_dict(_recipe(teacher_dir, student_dir, train_file, cut, lora)), resume=True, **QUIET)
+    assert [e["step"] for e in _events(cut)] == [3, 4]  # it did resume at step 3
     for file in ("student/model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(str(whole / file)), load_file(str(cut / file))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
@@ -197,6 +198,38 @@ def test_self_distillation_keeps_one_copy_and_starts_at_kl_zero(tmp_path, teache
     assert events[-1]["kd_loss"] > 1e-6  # the adapter moved it, and the teacher (adapter off) stayed put
     summary = json.loads((tmp_path / "self" / "student" / "summary.json").read_text())
     assert summary["self_distillation"] and summary["teacher_params"] == summary["student_params"]
+
+
+def test_the_base_view_runs_without_the_adapter_and_without_dropout(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import llama_config
+    from distill.train.lora import BaseView, add_adapter
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), attention_dropout=0.5))
+    spec = recipe_from_dict({"student": {"lora": {**LORA, "dropout": 0.5}}}).student.lora
+    student = add_adapter(model, spec, seed=0, log=lambda _: None)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    student.train()
+    view = BaseView(student)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first, second = view(input_ids=ids).logits, view(input_ids=ids).logits
+        hidden = backbone_hidden_states(view, input_ids=ids)
+        student.eval()
+        with student.disable_adapter():
+            base = student(input_ids=ids).logits
+            base_hidden = backbone_hidden_states(student, input_ids=ids)
+        adapted = student(input_ids=ids).logits
+    assert torch.equal(first, second) and torch.equal(first, base) and torch.equal(hidden, base_hidden)
+    assert not torch.allclose(adapted, base)  # the adapter is on again outside the view
+    student.train()
+    view(input_ids=ids)
+    assert student.training and all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
 
 
 @pytest.mark.parametrize("signal", ["cache", "on_policy"])

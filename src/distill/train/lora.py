@@ -127,7 +127,7 @@ class BaseView:
 
     Not a copy: attribute reads (parameters(), config, get_output_embeddings(), ...) are the student's own, so the
     teacher costs no memory. Calls of the view, and of its decoder (`get_decoder()`, which the fused loss and the
-    evaluation call directly), run inside the PeftModel's `disable_adapter()`.
+    evaluation call directly), run inside the PeftModel's `disable_adapter()`, in eval mode (no dropout).
     """
 
     def __init__(self, student, target=None):
@@ -135,8 +135,13 @@ class BaseView:
         self._target = student if target is None else target
 
     def __call__(self, *args, **kwargs):
-        with self._student.disable_adapter():
-            return self._target(*args, **kwargs)
+        was_training = self._student.training
+        self._student.eval()  # a teacher runs without dropout, whatever mode the student trains in
+        try:
+            with self._student.disable_adapter():
+                return self._target(*args, **kwargs)
+        finally:
+            self._student.train(was_training)
 
     def get_decoder(self):
         return BaseView(self._student, self._target.get_decoder())
