@@ -50,10 +50,16 @@ def test_shipped_teacher_loads_offline_with_its_own_tokenizer():
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: lossless
 
 
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One quick demo for the tests below: (result, its folder)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    return run_demo(out, quick=True, log=lambda _: None, show_table=False), out
+
+
 @pytest.mark.slow
-def test_quick_demo_writes_the_report_and_the_student_moves_toward_the_teacher(tmp_path):
-    out = tmp_path / "demo"
-    result = run_demo(out, quick=True, log=lambda _: None, show_table=False)
+def test_quick_demo_writes_the_report_and_the_student_moves_toward_the_teacher(quick_demo):
+    result, out = quick_demo
 
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").exists() and (out / "report.html").exists()
@@ -81,6 +87,59 @@ def test_quick_demo_writes_the_report_and_the_student_moves_toward_the_teacher(t
     assert baseline["cross_entropy"] < pruned["cross_entropy"]
     assert (out / "student-init" / "pruning.json").exists()
     assert (out / "distilled" / "student" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_shows_the_completions_that_its_exact_match_counted(quick_demo, capsys):
+    from distill.demo.summary import EXAMPLE_COUNT, print_table
+    from distill.report.generation import normalize_answer
+
+    result, out = quick_demo
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "data" / "completion.jsonl").read_text().splitlines()]
+    shown = result["completion_examples"]
+    assert shown == report["completion_examples"] and shown["rows"] == len(rows)
+    assert "teacher completes exactly" in shown["rule"]
+    examples = shown["examples"]
+    assert len(examples) == min(EXAMPLE_COUNT, len(rows))
+
+    models = report["models"]
+    for name, model in models.items():
+        outputs = model["completions"]
+        assert len(outputs) == len(rows)
+        assert sum(c["match"] for c in outputs) == shown["exact"][name]
+        assert sum(c["match"] for c in outputs) / len(rows) == pytest.approx(model["exact_match"])
+        for row, c in zip(rows, outputs, strict=True):
+            assert c["match"] == (normalize_answer(c["output"]) == normalize_answer(row["answer"]))
+    # The rule: rows the teacher got right come first, each group in file order.
+    teacher = models["teacher"]["completions"]
+    expected = sorted(range(len(rows)), key=lambda i: (not teacher[i]["match"], i))[: len(examples)]
+    assert [e["row"] for e in examples] == expected
+    for e in examples:
+        row = rows[e["row"]]
+        assert e["answer"] == row["answer"] and row["prompt"].endswith(e["context_last_line"])
+        assert set(e["completions"]) == set(models)
+        assert all(e["completions"][n] == models[n]["completions"][e["row"]] for n in models)
+
+    print_table(result)
+    printed = capsys.readouterr().out
+    marks = sum(c["match"] for e in examples for c in e["completions"].values())
+    assert printed.count("✓") == marks + 1  # + the legend "✓ = exact match"
+    assert all(e["answer"][:40] in printed for e in examples)
+    markdown = (out / "report.md").read_text()
+    assert "Line completions side by side" in markdown and examples[0]["answer"][:40] in markdown
+
+
+@pytest.mark.slow
+def test_quick_demo_names_the_features_of_the_recipes_it_ran(quick_demo):
+    result, out = quick_demo
+    features = result["features"]
+    pruning = json.loads((out / "student-init" / "pruning.json").read_text())
+    assert features["student"]["kept_layers"] == pruning["kept_layers"]
+    assert features["student"]["shape"] == pruning["config_diff"]
+    assert features["training"]["steps"] == result["steps"] == 4
+    assert features["objective"]["divergence"] == "forward_kl" and features["objective"]["fused_loss"] is True
+    assert features["baseline_differs_in"] == {"objective.ce_weight": 1.0, "objective.kd_weight": 0.0}
 
 
 def test_demo_refuses_a_folder_that_is_not_a_previous_demo(tmp_path):

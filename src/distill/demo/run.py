@@ -20,6 +20,7 @@ import torch
 
 from distill import atomic
 from distill.demo import corpus
+from distill.demo.summary import check_targets, completion_examples, print_table, summarize, used_features
 from distill.errors import DistillError
 
 TEACHER_DIR = Path(__file__).resolve().parent / "teacher"
@@ -38,12 +39,6 @@ EVAL_MAX_LENGTH = 192
 EVAL_ROWS = 32  # held-out blocks of code, spread over every held-out module
 COMPLETION_ROWS = 32  # line-completion samples, spread the same way
 TRAIN_FILE_STRIDE = 8  # every 8th training file of the teacher's corpus: far more text than the steps use
-
-TARGETS = {
-    "params_ratio": 4.0,  # teacher params / student params
-    "decode_speedup": 2.0,  # student decode tok/s / teacher decode tok/s (batch 1)
-    "top1_accuracy_retention": 0.90,  # student next-token accuracy / teacher's
-}
 
 COMPLETION_DEFINITION = (
     "line completion on held-out modules: greedy decoding from the preceding lines (up to the end of the previous "
@@ -116,11 +111,12 @@ def _run(out: Path, teacher: Path, steps: int, quick: bool, include_init: bool |
     )
 
     clock("prune")
-    log(f"3/5 distilling: {steps} steps of {BATCH_SIZE} x {MAX_LENGTH} tokens, forward KL to the teacher")
-    distilled = _train(teacher, init_dir, data, out / "distilled", steps, kd=True, log=log)
+    divergence = demo_recipe(teacher, init_dir, data, out, steps, kd=True)["objective"]["divergence"]
+    log(f"3/5 distilling: {steps} steps of {BATCH_SIZE} x {MAX_LENGTH} tokens, {divergence} to the teacher")
+    distilled, distill_recipe = _train(teacher, init_dir, data, out / "distilled", steps, kd=True, log=log)
     clock("distill")
     log("4/5 baseline: the same student, data and steps on hard labels only (no teacher)")
-    baseline = _train(teacher, init_dir, data, out / "baseline", steps, kd=False, log=log)
+    baseline, baseline_recipe = _train(teacher, init_dir, data, out / "baseline", steps, kd=False, log=log)
 
     clock("baseline")
     log("5/5 evaluating teacher, student and baseline on the held-out modules")
@@ -144,6 +140,8 @@ def _run(out: Path, teacher: Path, steps: int, quick: bool, include_init: bool |
         "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()},
         "summary": summarize(report),
         "targets": check_targets(report),
+        "completion_examples": report["completion_examples"],
+        "features": used_features(pruned, distill_recipe, baseline_recipe),
     }
     atomic.write_json(out / "demo.json", result)
     return result
@@ -241,7 +239,8 @@ def demo_recipe(teacher: Path, init_dir: Path, data: dict, out: Path, steps: int
     }
 
 
-def _train(teacher: Path, init_dir: Path, data: dict, out: Path, steps: int, kd: bool, log) -> Path:
+def _train(teacher: Path, init_dir: Path, data: dict, out: Path, steps: int, kd: bool, log):
+    """One training of the demo; returns the student's folder and the parsed recipe that trained it."""
     from distill.config import recipe_from_dict
     from distill.train.loop import train
 
@@ -253,7 +252,7 @@ def _train(teacher: Path, init_dir: Path, data: dict, out: Path, steps: int, kd:
     log(f"    {loss}{time.perf_counter() - started:.0f} s")
     # The checkpoint only serves resuming, which a demo does not do.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return result.student_dir
+    return result.student_dir, recipe
 
 
 def _last_event(path: Path, kind: str) -> dict | None:
@@ -265,56 +264,14 @@ def _last_event(path: Path, kind: str) -> dict | None:
 # ---------------------------------------------------------------- evaluation
 
 
-class _SecondNewline:
-    """A transformers stopping criterion: the row has generated two newlines (the end of the prompt's last line,
-    then the predicted line), so nothing after it can change the comparison."""
-
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :].tolist(), skip_special_tokens=True)
-        return torch.tensor([t.count("\n") >= 2 for t in texts], device=input_ids.device)
-
-
-@torch.no_grad()
-def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 6) -> dict:
+def line_completion(model, tokenizer, rows: Sequence[dict], extra_tokens: int = 6, keep_outputs: bool = False) -> dict:
     """Exact match of greedy line completion (see COMPLETION_DEFINITION); batch 1, like a code editor.
 
-    `distill.report.generation.exact_match` compares everything generated, and a code model never stops after one line,
-    so here decoding stops at the end of the first generated line and only that line is compared. Decoded by
-    `distill.sampling.decode` like every other path: plain greedy, no id past the tokenizer.
-    """
-    from distill.data import pad_id_of
-    from distill.report.generation import normalize_answer
-    from distill.sampling import decode, eos_ids
+    `distill.report.generation.exact_match` with `next_line=True`: decoding stops at the end of the first generated
+    line and only that line is compared. `keep_outputs` also returns every row's completed line ("completions")."""
+    from distill.report.generation import exact_match
 
-    device = next(model.parameters()).device
-    eos, pad = eos_ids(model, tokenizer), pad_id_of(tokenizer)
-    hits, samples = 0, []
-    for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        prompt = prompt[-EVAL_MAX_LENGTH:]  # the end of a long prompt is what matters
-        budget = len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"]) + extra_tokens
-        output = decode(
-            model,
-            [prompt],
-            max_new_tokens=budget,
-            eos_ids=eos,
-            pad_id=pad,
-            vocab_size=len(tokenizer),
-            stopping_criteria=[_SecondNewline(tokenizer, len(prompt))],
-            device=device,
-        )
-        text = tokenizer.decode(output.new_ids[0].tolist(), skip_special_tokens=True)
-        # The prompt ends where the previous line does: what follows its first newline is the predicted line.
-        lines = text.split("\n")
-        predicted = lines[1] if len(lines) > 1 else ""
-        hit = normalize_answer(predicted) == normalize_answer(row["answer"])
-        hits += hit
-        if len(samples) < 5:
-            samples.append({"prompt": row["prompt"][-200:], "answer": row["answer"], "output": predicted, "match": hit})
-    return {"exact_match": hits / max(len(rows), 1), "generation_rows": len(rows), "generation_samples": samples}
+    return exact_match(model, tokenizer, rows, EVAL_MAX_LENGTH, extra_tokens, next_line=True, keep_outputs=keep_outputs)
 
 
 def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed: bool = True) -> dict:
@@ -336,9 +293,10 @@ def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed
         batch_size=8,
         speed=speed,
         draft=speed,  # the draft's speed-up is a timing too; the quick demo skips both
-        # Small on purpose: the demo keeps to about three minutes (benchmarks/draft.py measures drafts at length).
-        draft_settings=DraftSettings(prompts=3, new_tokens=16),
-        failure_settings=FailureSettings(prompts=4, new_tokens=48),
+        # `distill eval`'s own settings (4 prompts x 32 tokens for the draft, 8 x 64 for failure modes): measured at
+        # 5.3 s and 1.4 s of a 127 s demo (report.json section_time_s), so the demo needs no smaller, noisier ones.
+        draft_settings=DraftSettings(),
+        failure_settings=FailureSettings(),
         speed_settings=SpeedSettings(runs=3, warmup=1, prompt_tokens=64, new_tokens=32, batch_size=1),
         device="cpu",
         dtype="float32",
@@ -349,7 +307,10 @@ def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed
     rows = [json.loads(line) for line in Path(data["completion"]).read_text().splitlines()]
     for name, path in [("teacher", str(teacher)), *models.items()]:
         model = load_model(path, name, torch.float32).eval()
-        report["models"][name].update(line_completion(model, tokenizer, rows))
+        report["models"][name].update(line_completion(model, tokenizer, rows, keep_outputs=True))
+    # The completions that measured exact match, shown side by side: nothing is decoded twice.
+    completions = {name: result["completions"] for name, result in report["models"].items()}
+    report["completion_examples"] = completion_examples(rows, completions)
     teacher_result = report["models"]["teacher"]
     report["retention"] = {name: retention_of(report["models"][name], teacher_result) for name in models}
     report["data"]["generation"] = str(data["completion"])
@@ -357,70 +318,3 @@ def evaluate(teacher: Path, models: dict[str, str], data: dict, out: Path, speed
     report["demo"] = {"held_out_modules": data["held_out_files"]}
     write_report(report, out)
     return report
-
-
-# ---------------------------------------------------------------- summary
-
-
-def summarize(report: dict) -> dict:
-    keys = ("params", "decode_tokens_per_s", "top1_accuracy", "cross_entropy", "agreement", "kl_to_teacher")
-    models = {name: {k: m.get(k) for k in (*keys, "exact_match")} for name, m in report["models"].items()}
-    return {**models, "retention": report["retention"], "speedup": report["speedup"]}
-
-
-def check_targets(report: dict) -> dict:
-    """The README's targets, measured: {name: {"value", "target", "met"}}."""
-    m, student, baseline = report["models"], report["models"]["student"], report["models"]["baseline"]
-    speed = report["speedup"]["student"].get("decode")
-    checks = {
-        "params_ratio": (m["teacher"]["params"] / student["params"], TARGETS["params_ratio"], True),
-        "decode_speedup": (speed, TARGETS["decode_speedup"], True),
-        "top1_accuracy_retention": (
-            report["retention"]["student"]["top1_accuracy"],
-            TARGETS["top1_accuracy_retention"],
-            True,
-        ),
-        # Lower is better: the student's value must be below the baseline's.
-        "cross_entropy_vs_baseline": (student["cross_entropy"], baseline["cross_entropy"], False),
-        "agreement_vs_baseline": (student["agreement"], baseline["agreement"], True),
-    }
-    result = {}
-    for name, (value, target, higher) in checks.items():
-        met = None if value is None else (value >= target if higher else value < target)
-        result[name] = {"value": value, "target": target, "met": met}
-    return result
-
-
-def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    s = result["summary"]
-    table = Table(title=f"distill demo: {result['steps']} steps each, held-out stdlib modules")
-    for column in ("model", "params", "decode tok/s", "next-tok acc", "CE", "agree", "line EM"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    labels = {"teacher": "teacher", "student": "distilled", "baseline": "hard labels", "pruned": "pruned init"}
-    for name, label in labels.items():
-        m = s.get(name)
-        if m is None:
-            continue
-        table.add_row(
-            label,
-            f"{m['params'] / 1e6:.2f}M",
-            "-" if m["decode_tokens_per_s"] is None else f"{m['decode_tokens_per_s']:.0f}",
-            f"{m['top1_accuracy']:.1%}",
-            f"{m['cross_entropy']:.3f}",
-            f"{m['agreement']:.1%}",
-            "-" if m.get("exact_match") is None else f"{m['exact_match']:.1%}",
-        )
-    console = Console()
-    console.print(table)
-    r = s["retention"]["student"]
-    console.print(
-        f"student keeps {r['top1_accuracy']:.0%} of the teacher's next-token accuracy, {r['agreement']:.0%} "
-        f"agreement, CE retention {r['cross_entropy']:.0%}"
-    )
-    for name, t in result["targets"].items():
-        mark = {True: "[green]met[/]", False: "[red]missed[/]", None: "not measured"}[t["met"]]
-        value = "-" if t["value"] is None else f"{t['value']:.3f}"
-        console.print(f"  {name}: {value} (target {t['target']:.3f}) {mark}")

@@ -52,10 +52,35 @@ def read_generation_rows(source: str) -> list[dict]:
     return rows
 
 
+class _SecondNewline:
+    """A transformers stopping criterion: the row has generated two newlines (the end of the prompt's last line,
+    then the predicted line), so nothing after it can change the comparison."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :].tolist(), skip_special_tokens=True)
+        return torch.tensor([t.count("\n") >= 2 for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
-def exact_match(model, tokenizer, rows: Sequence[dict], max_length: int, extra_tokens: int = 16) -> dict:
+def exact_match(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    max_length: int,
+    extra_tokens: int = 16,
+    next_line: bool = False,
+    keep_outputs: bool = False,
+) -> dict:
     """Greedy-decode each prompt (batch 1, stops at EOS or after the answer's token count + `extra_tokens`)
     and compare the normalized continuation with the normalized answer.
+
+    `next_line=True` is line completion: each prompt ends where a line does (without its newline), decoding stops
+    once the next line is complete, and only that line is compared (a code model never stops after one line by
+    itself). `keep_outputs=True` also returns "completions": every row's output and match, in row order, so a
+    caller can show them without decoding again.
 
     Through `distill.sampling.decode`: greedy is plain greedy whatever the model folder's generation_config.json
     says (a checkpoint's repetition penalty or min_new_tokens would change the answer), and no padded embedding
@@ -63,7 +88,7 @@ def exact_match(model, tokenizer, rows: Sequence[dict], max_length: int, extra_t
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
     eos = eos_ids(model, tokenizer)
-    hits, samples = 0, []
+    completions = []
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"][-max_length:]
         answer_tokens = len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"])
@@ -74,11 +99,18 @@ def exact_match(model, tokenizer, rows: Sequence[dict], max_length: int, extra_t
             eos_ids=eos,
             pad_id=pad_id,
             vocab_size=len(tokenizer),
+            stopping_criteria=[_SecondNewline(tokenizer, len(prompt))] if next_line else None,
             device=device,
         )
         text = tokenizer.decode(output.new_ids[0].tolist(), skip_special_tokens=True)
-        hit = normalize_answer(text) == normalize_answer(row["answer"])
-        hits += hit
-        if len(samples) < 5:
-            samples.append({"prompt": row["prompt"], "answer": row["answer"], "output": text, "match": bool(hit)})
-    return {"exact_match": hits / max(len(rows), 1), "generation_rows": len(rows), "generation_samples": samples}
+        if next_line:  # the prompt ends where the previous line does: its first newline starts the predicted line
+            lines = text.split("\n")
+            text = lines[1] if len(lines) > 1 else ""
+        completions.append({"output": text, "match": normalize_answer(text) == normalize_answer(row["answer"])})
+    samples = [{"prompt": r["prompt"], "answer": r["answer"], **c} for r, c in zip(rows[:5], completions, strict=False)]
+    result = {
+        "exact_match": sum(c["match"] for c in completions) / max(len(rows), 1),
+        "generation_rows": len(rows),
+        "generation_samples": samples,
+    }
+    return {**result, "completions": completions} if keep_outputs else result

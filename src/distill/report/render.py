@@ -163,6 +163,25 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables + judging_tables(report) + task_tables(report)
 
 
+def _completion_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Line completions side by side (report["completion_examples"], written by `distill demo`): the context's last
+    line, the true next line and every model's line, ✓ where it is an exact match."""
+    shown = report.get("completion_examples")
+    if not shown or not shown.get("examples"):
+        return []
+    names = list(shown["examples"][0]["completions"])
+    rows = []
+    for e in shown["examples"]:
+        cells = [("✓ " if c["match"] else "") + c["output"].strip() for c in (e["completions"][n] for n in names)]
+        rows.append([str(e["row"]), e["context_last_line"].strip(), e["answer"], *cells])
+    exact = ", ".join(f"{n} {k}/{shown['rows']}" for n, k in shown["exact"].items())
+    title = (
+        f"Line completions side by side ({len(rows)} of {shown['rows']} rows: {shown['rule']}; ✓ = exact match; "
+        f"exact on all rows: {exact})"
+    )
+    return [(title, ["row", "last line of the context", "true next line", *names], rows)]
+
+
 def _divergent_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     for name, result in report["models"].items():
@@ -364,7 +383,7 @@ def render_markdown(report: dict, pictures: list[tuple[str, str]]) -> str:
     summary = _summary_line(report)
     if summary:
         lines += [summary, ""]
-    for title, header, rows in _tables(report) + _divergent_tables(report):
+    for title, header, rows in _tables(report) + _completion_tables(report) + _divergent_tables(report):
         lines += [f"## {title}", "", _markdown_table(header, rows), ""]
     for file, caption in pictures:
         lines += [f"## {caption}", "", f"![{caption}]({file})", ""]
@@ -421,11 +440,13 @@ def render_html(report: dict, pictures: list[tuple[str, str, bytes]]) -> str:
             f"<h2>{html.escape(caption)}</h2>",
             f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(caption)}" data-file="{html.escape(file)}">',
         ]
+    for title, header, rows in _completion_tables(report):
+        parts += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows, text_columns=set(range(1, len(header))))]
     for title, header, rows in _divergent_tables(report):
         parts += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows, text_columns={1, 2, 3, 4})]
     for name, result in report["models"].items():
         samples = result.get("generation_samples")
-        if samples:
+        if samples and not _completion_tables(report):  # the side-by-side table replaces them
             rows = [[s["prompt"], s["answer"], s["output"], "yes" if s["match"] else "no"] for s in samples]
             parts += [
                 f"<h2>Generation samples: {html.escape(name)}</h2>",
