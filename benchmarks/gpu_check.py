@@ -18,8 +18,8 @@ Parts:
          Per run: tokens/s (median step after the first), peak device memory (torch.cuda.max_memory_allocated
          of the process), peak RSS, the first step's loss against the first run's.
   cpu    the teacher's forward on this machine's CPU, float32 vs bfloat16 (8 × 256 tokens; --quick: the tiny
-         teacher), and whether the CPU has native bf16 (avx512_bf16 / amx_bf16): the measurement behind
-         teacher.dtype=auto (bfloat16 on GPUs; on CPUs only where a run like this shows it faster).
+         teacher), and whether the CPU has native bf16 (AMX / AVX512-BF16): the measurement behind
+         teacher.dtype=auto (bfloat16 on GPUs and on CPUs with native bf16).
 
 Each `distill train` run is its own process (peak memory is per process). Exit code 1 when a check fails.
 """
@@ -389,14 +389,6 @@ def rel_scalar(a: float, b: float) -> float:
 # ---------------------------------------------------------------- cpu: the teacher's forward, float32 vs bfloat16
 
 
-def native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def part_cpu(device, quick: bool) -> tuple[list[dict], bool]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -405,6 +397,7 @@ def part_cpu(device, quick: bool) -> tuple[list[dict], bool]:
     from peer_trl import PAIRS
 
     from distill.losses.heads import backbone_hidden_states
+    from distill.models import cpu_has_native_bf16
 
     spec = {k: v for k, v in PAIRS["tiny" if quick else "smollm"].items() if k not in ("steps", "student_layers")}
     spec.pop("model_type")
@@ -431,7 +424,7 @@ def part_cpu(device, quick: bool) -> tuple[list[dict], bool]:
                 "hidden rel err": rel(hidden, reference),
             }
         )
-    flags = "yes" if native_bf16() else "no"
+    flags = "yes" if cpu_has_native_bf16() else "no"  # the probe teacher.dtype=auto asks
     capability = torch.backends.cpu.get_cpu_capability()
     print_table(
         f"teacher forward on CPU, 8 x {tokens} tokens, {torch.get_num_threads()} threads; native bf16: {flags} "

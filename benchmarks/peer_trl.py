@@ -15,7 +15,10 @@ What both runs share, so the two tools do the same work:
     lmbda=0 (never on-policy), beta=0 (its generalized_jsd_loss is then F.kl_div(student_logp, teacher_logp),
     i.e. forward KL), seq_kd off. distill: objective.divergence=forward_kl, fused loss (its default).
   * optimization: AdamW, lr 1e-4 constant, betas (0.9, 0.95), eps 1e-8, no weight decay, gradient clipping at 1.0,
-    batch 8, no accumulation, fp32 (TRL's own defaults bf16=True and gradient_checkpointing=True are switched off).
+    batch 8, no accumulation, students in fp32 (TRL's own defaults bf16=True and gradient_checkpointing=True are
+    switched off). The teacher: distill's `teacher.dtype` (--teacher-dtype, default auto = bfloat16 on a CPU with
+    native bf16, AMX/AVX512-BF16) and TRL's teacher loaded in the dtype that resolves to, so both teachers do the
+    same work; --trl-fp32-teacher adds TRL with a float32 teacher (what this benchmark ran before auto existed).
   * bookkeeping: each tool evaluates once at the last step on the same rows (distill always does; TRL is given the
     rows as eval_dataset) and saves one checkpoint with optimizer state plus the final model. distill's report is
     off except in the `tiny` job, which runs distill once with its report and once without.
@@ -162,7 +165,7 @@ def distill_recipe(folder: Path, name: str, teacher: Path, student: Path, rows: 
     import yaml
 
     recipe = {
-        "teacher": {"path": str(teacher), "dtype": "float32"},
+        "teacher": {"path": str(teacher), "dtype": args.distill_teacher_dtype},
         "student": {"path": str(student)},
         "data": {"train": str(rows), "eval": str(rows), "max_length": args.tokens},
         "objective": {"divergence": "forward_kl", "temperature": 1.0, "ce_weight": 0.0},
@@ -270,7 +273,15 @@ def run_distill(recipe: Path, args, tokens_per_step: int, env: dict, overrides: 
 
 
 def run_trl(
-    folder: Path, teacher: Path, student: Path, rows: Path, args, tokens_per_step: int, env: dict, tag: str = ""
+    folder: Path,
+    teacher: Path,
+    student: Path,
+    rows: Path,
+    args,
+    tokens_per_step: int,
+    env: dict,
+    tag: str = "",
+    teacher_dtype: str = "float32",
 ) -> dict:
     spec = {
         "teacher": str(teacher),
@@ -281,6 +292,7 @@ def run_trl(
         "tokens": args.tokens,
         "out": str(folder / f"trl{tag}"),
         "timeline": str(folder / f"trl{tag}-timeline.jsonl"),
+        "teacher_dtype": teacher_dtype,
     }
     spec_path = folder / f"trl{tag}-spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -304,6 +316,17 @@ def run_trl(
     steps = [b - a for a, b in zip([begin, *ends], ends, strict=False)]
     losses = [e["loss"] for e in timeline_events if e["event"] == "loss"]
     return {**result, **step_stats(steps, args.warmup, tokens_per_step), "losses": losses}
+
+
+def teacher_dtypes(requested: str) -> tuple[str, str]:
+    """(distill's teacher.dtype, TRL's teacher dtype): TRL gets the dtype distill's value resolves to on this
+    machine (`auto`: bfloat16 on a CPU with native bf16), so both tools' teachers do the same work."""
+    import torch
+
+    from distill.models import teacher_dtype
+
+    resolved = teacher_dtype(requested, torch.device("cpu"))
+    return requested, str(resolved).removeprefix("torch.")
 
 
 def parse_variants(variants: list[str] | None) -> list[tuple[str, tuple[str, ...]]]:
@@ -420,7 +443,7 @@ def trl_worker(spec_path: str) -> None:
         disable_tqdm=True,
         seed=0,
         model_init_kwargs={"dtype": "float32"},
-        teacher_model_init_kwargs={"dtype": "float32"},
+        teacher_model_init_kwargs={"dtype": spec.get("teacher_dtype", "float32")},
     )
     trainer = GKDTrainer(
         model=spec["student"],
@@ -622,6 +645,15 @@ def main() -> None:
         help="also run distill with these recipe overrides, e.g. 'distill + checkpointing:training."
         "gradient_checkpointing=true' (repeatable)",
     )
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="distill's teacher.dtype (default auto: bf16 on a CPU with native bf16); TRL's teacher gets the same",
+    )
+    parser.add_argument(
+        "--trl-fp32-teacher", action="store_true", help="also run TRL with its teacher in float32 (an extra row)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny pair, 4 steps, 32 tokens")
     parser.add_argument("--report", action="store_true", help="also run distill with its report (on for tiny)")
     parser.add_argument("--profile", action="store_true", help="per-phase step times of both tools instead")
@@ -643,6 +675,7 @@ def main() -> None:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}")
     if not Path(args.trl_python).exists():
         parser.error(f"--trl-python {args.trl_python} does not exist; see the install lines in --help")
+    args.distill_teacher_dtype, args.trl_teacher_dtype = teacher_dtypes(args.teacher_dtype)
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -673,9 +706,13 @@ def main() -> None:
                 result = run_distill(recipe, args, tokens_per_step, env, overrides)
                 rounds.setdefault(label, []).append(result)
                 print(f"{load_line()} (after {label}{tag})")
-            trl = run_trl(folder, teacher, student, rows, args, tokens_per_step, env, tag)
+            trl = run_trl(folder, teacher, student, rows, args, tokens_per_step, env, tag, args.trl_teacher_dtype)
             rounds.setdefault("TRL GKDTrainer", []).append(trl)
             print(f"{load_line()} (after TRL{tag})")
+            if args.trl_fp32_teacher and args.trl_teacher_dtype != "float32":
+                trl = run_trl(folder, teacher, student, rows, args, tokens_per_step, env, f"-fp32{tag}")
+                rounds.setdefault("TRL, fp32 teacher", []).append(trl)
+                print(f"{load_line()} (after TRL fp32 teacher{tag})")
         runs = {name: median_run(results) for name, results in rounds.items()}
         imports = {
             "distill": import_time(sys.executable, "import distill.train.loop", env),
@@ -685,7 +722,8 @@ def main() -> None:
     print()
     print_table(
         f"{args.pair} pair, {args.batch} x up to {args.tokens} tokens ({tokens_per_step} real tokens) per step, "
-        f"{args.steps} steps, fp32 CPU; step time = median of {runs['distill']['steps_timed']} steps after "
+        f"{args.steps} steps, CPU, students fp32, teachers {args.trl_teacher_dtype} (distill's teacher.dtype: "
+        f"{args.distill_teacher_dtype}); step time = median of {runs['distill']['steps_timed']} steps after "
         f"{args.warmup} warm-up; {args.rounds} round(s), the tools taking turns (medians)",
         runs,
         reference="TRL GKDTrainer",

@@ -37,11 +37,15 @@ def recipe_dict(
 ) -> dict:
     """A small training recipe: the tiny teacher and student, forward KL, 4 steps, checkpoints every 2, no report.
 
+    The teacher runs in float32 (not teacher.dtype auto, which is bfloat16 on a CPU with native bf16): these recipes
+    compare runs to float32 precision (one process vs two, online vs cache, accumulation vs one batch), and bf16
+    rounds differently for different batch shapes. tests/test_teacher_dtype.py tests auto and bf16's tolerance.
+
     `defaults`: a test file's own settings, merged over these first; `sections` (per test) are merged last.
     `deep`: see `merge_sections`.
     """
     base = {
-        "teacher": {"path": str(teacher_dir)},
+        "teacher": {"path": str(teacher_dir), "dtype": "float32"},
         "student": {"path": str(student_dir)},
         "data": {"train": str(train_file), "max_length": 48},
         "objective": {"divergence": "forward_kl", "fused": False},

@@ -115,8 +115,11 @@ def test_eight_micro_batches_of_one_equal_one_of_eight(tmp_path, teacher_dir, se
     run(tmp_path / "one", 1)
     run(tmp_path / "eight", 8)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "eight")
+    # Summation order differs between the two (8 partial sums vs one): Adam divides by sqrt(v), so a weight whose
+    # gradient is near 0 moves by a few 1e-6 more or less (measured 2.5e-6 on one of 10240); a wrong normalizer
+    # would move every weight by lr-sized amounts (5e-3).
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(train_losses(tmp_path / "one"), train_losses(tmp_path / "eight"), rtol=1e-5)
 
 

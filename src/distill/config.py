@@ -40,7 +40,9 @@ class TeacherConfig(Section):
     cache: str | None = Field(
         None, description="A `distill cache` folder to train from stored signals instead of running the teacher."
     )
-    dtype: Dtype = Field("auto", description="Teacher weights' dtype; auto = bfloat16 on a GPU, float32 on CPU.")
+    dtype: Dtype = Field(
+        "auto", description="Teacher weights' dtype; auto = bfloat16 on a GPU or a CPU with native bf16, else float32."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher.")
     trust_remote_code: bool = Field(False, description="Allow the teacher's own Python code from its folder/hub.")
     device: str = Field(

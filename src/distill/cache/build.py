@@ -444,11 +444,11 @@ def _prepare_folder(recipe, root: Path, tokenizer, examples, vocab_size, generat
 
 def _write_teacher_shards(recipe, tokenizer, examples, plan: dict, mine, root: Path, ranks, done, progress) -> None:
     """Shards `mine` from the local teacher (teacher.path), loaded here on this rank's device."""
-    from distill.models import check_vocabulary, load_model, resolve_dtype
+    from distill.models import check_vocabulary, load_model, teacher_dtype
 
     t = recipe.teacher
     device = pick_device(recipe.training.device, "recipe key training.device", ranks.local_rank)
-    teacher = load_model(t.path, "teacher", resolve_dtype(t.dtype, device), t.trust_remote_code, t.revision)
+    teacher = load_model(t.path, "teacher", teacher_dtype(t.dtype, device), t.trust_remote_code, t.revision)
     teacher.eval().requires_grad_(False).to(device)
     check_vocabulary(tokenizer, teacher, None)
     pad_id = pad_id_of(tokenizer)

@@ -31,7 +31,7 @@ from distill.models import (
     max_context,
     new_model_from_config,
     pick_device,
-    resolve_dtype,
+    teacher_dtype,
 )
 from distill.train.checkpoint import RunState, list_checkpoints, load_checkpoint, set_rng_state
 from distill.train.cross import check_recipe as check_cross_recipe
@@ -296,7 +296,9 @@ def load_models(
         teacher = BaseView(student)
         log("self-distillation: the teacher is the student's base weights (one copy; adapter disabled for it)")
     elif use_teacher:
-        dtype = resolve_dtype(t.dtype, teacher_runs_on)
+        dtype = teacher_dtype(t.dtype, teacher_runs_on)
+        if t.dtype == "auto" and dtype == torch.bfloat16 and teacher_runs_on.type == "cpu":
+            log("teacher in bfloat16 (teacher.dtype auto: this CPU has native bf16; teacher.dtype=float32 keeps fp32)")
         attn = teacher_attn
         teacher = load_model(t.path, "teacher", dtype, t.trust_remote_code, t.revision, attn_implementation=attn)
         teacher.eval()

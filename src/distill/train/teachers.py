@@ -35,7 +35,7 @@ from distill.models import (
     load_model,
     load_tokenizer,
     pick_device,
-    resolve_dtype,
+    teacher_dtype,
 )
 from distill.train.served import ServedSignal
 
@@ -202,7 +202,7 @@ def _open_teacher(recipe, name, section: TeacherConfig, models: Models, train_ex
         t.signal = ServedSignal(view, tokenizer, mine, models.vocab_size, log, section)
     elif recipe.needs_teacher:
         where = device if section.device == "auto" else pick_device(section.device, key=f"teachers.{name}.device")
-        dtype = resolve_dtype(section.dtype, where)
+        dtype = teacher_dtype(section.dtype, where)
         t.model = load_model(section.path, "teacher", dtype, section.trust_remote_code, section.revision)
         t.model.eval().requires_grad_(False).to(where)
         if check_vocabulary(tokenizer, t.model, models.student) != models.vocab_size:
