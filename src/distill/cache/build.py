@@ -72,11 +72,13 @@ from distill.models import pick_device
 _NEG_INF = float("-inf")
 
 
-def _plan_shards(examples: Sequence[Example], shard_tokens: int) -> list[dict]:
+def _plan_shards(rows: Sequence[int], shard_tokens: int) -> list[dict]:
+    """Consecutive examples per shard, from each example's stored rows (its loss tokens, or across tokenizers its
+    teacher positions)."""
     shards, first, tokens = [], 0, 0
-    for i, e in enumerate(examples):
-        tokens += e.loss_tokens
-        if tokens >= shard_tokens or i == len(examples) - 1:
+    for i, n in enumerate(rows):
+        tokens += n
+        if tokens >= shard_tokens or i == len(rows) - 1:
             shards.append(
                 {"file": shard_name(len(shards)), "first_example": first, "examples": i + 1 - first, "tokens": tokens}
             )
@@ -92,10 +94,12 @@ def _build_plan(
     known_files: dict | None = None,
     generated: dict | None = None,
     served: dict | None = None,
+    cross: dict | None = None,
 ) -> dict:
     """The build's plan. `generated` ({"file", "sha256", "stored_top_k"}) for cache.source=generated: the
     teacher is then known by that file, and by teacher.path's hash only when the recipe names one. `served`
-    (`ServedTeacher.identity` + how it was asked) for a teacher at teacher.endpoint: known by its model card."""
+    (`ServedTeacher.identity` + how it was asked) for a teacher at teacher.endpoint: known by its model card.
+    `cross` ({"identity", "rows"}) across tokenizers (`distill.cache.cross`): rows are the teacher's positions."""
     t, d, c = recipe.teacher, recipe.data, recipe.cache
     if served is not None:
         known_files = None
@@ -123,7 +127,7 @@ def _build_plan(
         # Only the server's top-k are known: no tail to draw from, no √p sum; teacher.path gave the tokenizer.
         teacher = {"path": None, "revision": None, "dtype": None, "files": {}, **served}
         tail_samples, arrays = 0, ["ids", "log_probs", "log_rest"]
-    return {
+    plan = {
         "format": FORMAT,
         "version": VERSION,
         "source": c.source,
@@ -151,8 +155,14 @@ def _build_plan(
         "seed": recipe.training.seed if generated is None and served is None else None,
         "teacher_batch_size": c.batch_size if generated is None and served is None else None,
         "positions": "loss tokens only (labels != -100), in example order",
-        "shards": _plan_shards(examples, c.shard_tokens),
+        "shards": _plan_shards([e.loss_tokens for e in examples], c.shard_tokens),
     }
+    if cross is not None:
+        plan["cross_tokenizer"] = cross["identity"]
+        plan["positions"] = "every teacher position of each example's text, in example order"
+        plan["shards"] = _plan_shards(cross["rows"], c.shard_tokens)
+        plan["tail_samples"] = None  # the rest is kept as one mass (no tail draws)
+    return plan
 
 
 def _first_difference(before: dict, now: dict) -> str | None:
@@ -168,9 +178,10 @@ def _first_difference(before: dict, now: dict) -> str | None:
         return "cache.source"
     if before["teacher"].get("generated") != now["teacher"].get("generated"):
         return "generated file (data.train's content or its top_logprobs)"
-    for key in ("format", "version", "teacher", "tokenizer_hash", "data", "vocab_size", "shards"):
+    for key in ("format", "version", "teacher", "tokenizer_hash", "cross_tokenizer", "data", "vocab_size", "shards"):
         if before.get(key) != now.get(key):
-            return {"tokenizer_hash": "tokenizer", "shards": "cache.shard_tokens"}.get(key, key)
+            names = {"tokenizer_hash": "tokenizer", "shards": "cache.shard_tokens"}
+            return names.get(key, "objective.cross_tokenizer or student tokenizer" if key == "cross_tokenizer" else key)
     for key in ("representation", "top_k", "top_k_arrays", "tail_samples", "sample_m", "precision", "id_bits", "seed"):
         if before.get(key) != now.get(key):
             names = {"seed": "training.seed", "id_bits": "cache.pack_ids", "top_k_arrays": "format"}
@@ -328,6 +339,8 @@ def build_cache(recipe, log: Callable[[str], None] = print, show_progress: bool 
 def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
     from distill.models import load_tokenizer
 
+    if recipe.objective.cross_tokenizer != "off":  # the teacher's own tokenization of each text
+        return _build_cross(recipe, ranks, log, show_progress)
     t, c = recipe.teacher, recipe.cache
     from_file = c.source == "generated"
     from_server = t.endpoint is not None and not from_file  # the served teacher, as for `distill generate`
@@ -408,7 +421,36 @@ def _build(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: boo
     return root
 
 
-def _prepare_folder(recipe, root: Path, tokenizer, examples, vocab_size, generated, served, ranks, log) -> dict | None:
+def _build_cross(recipe, ranks: _Ranks, log: Callable[[str], None], show_progress: bool) -> Path:
+    """`distill cache` for a cross-tokenizer recipe (`distill.cache.cross`): the teacher's top-k at every position
+    of its own tokenization of each training text, read as the student reads the data."""
+    from distill.cache.cross import read_as_the_student, write_cross_shards
+
+    teacher_tokenizer, examples, pair, alignments, identity = read_as_the_student(recipe, log)
+    rows = [max(len(a.teacher_ids) - 1, 0) for a in alignments]  # position j predicts token j+1
+    root, vocab = Path(recipe.cache.dir), len(teacher_tokenizer)
+    cross = {"identity": identity, "rows": rows}
+    plan = _prepare_folder(recipe, root, teacher_tokenizer, examples, vocab, None, None, ranks, log, cross)
+    if plan is None:
+        return root
+    missing = [i for i, shard in enumerate(plan["shards"]) if not (root / shard["file"]).exists()]
+    mine = missing[ranks.rank :: ranks.world]  # round-robin over the ranks, as for one tokenizer
+    if mine:
+        log(
+            f"cache across tokenizers: {len(examples)} examples, {sum(rows)} teacher positions "
+            f"({plan['data']['loss_tokens']} student loss tokens), {len(plan['shards'])} shards"
+        )
+        write_cross_shards(recipe, pair, alignments, plan, mine, root, ranks, log if show_progress else None)
+    ranks.barrier()
+    if ranks.rank == 0:
+        _write_manifest(root, plan, recipe.cache, vocab, log)
+    ranks.barrier()
+    return root
+
+
+def _prepare_folder(
+    recipe, root: Path, tokenizer, examples, vocab_size, generated, served, ranks, log, cross: dict | None = None
+) -> dict | None:
     """The plan, checked against what the folder already holds (None: the cache is complete), and the folder
     ready for shards: the plan and the tokenizer written, a killed run's temporary files removed."""
     t = recipe.teacher
@@ -418,7 +460,7 @@ def _prepare_folder(recipe, root: Path, tokenizer, examples, vocab_size, generat
         if (root / name).exists():
             existing[name] = json.loads((root / name).read_text(encoding="utf-8"))
     known = next((_known_teacher_files(m, t.path) for m in existing.values()), None) if t.path else None
-    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known, generated, served)
+    plan = _build_plan(recipe, tokenizer, examples, vocab_size, known, generated, served, cross)
     for name, what in ((MANIFEST, "a finished"), (PLAN, "an unfinished")):
         if name in existing:
             difference = _first_difference(existing[name], plan)

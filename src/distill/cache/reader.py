@@ -263,6 +263,10 @@ def open_cache_for_training(
     root = Path(recipe.teacher.cache or recipe.cache.dir)
     manifest = read_manifest(root)
     where = f"teacher.cache {root}"
+    if "cross_tokenizer" in manifest:  # the teacher's own ids and positions (distill.cache.cross)
+        raise DistillError(
+            f"{where}: built across tokenizers; train from it with objective.cross_tokenizer uld or aligned"
+        )
     if manifest["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise DistillError(f"{where}: built with a different tokenizer than the recipe's (token ids would not match)")
     fingerprint = data_fingerprint(examples)

@@ -13,6 +13,9 @@ vocabularies (their retention is left out); these do:
                  same text), the share where the two argmaxes stand for the same piece (or the same marker).
 - kl_to_teacher  at 1:1 spans, KL(teacher ‖ model) over the pieces both vocabularies share plus one tail bucket
                  (`distill.losses.cross_tokenizer.aligned_divergence`).
+
+The draft keys of the one-tokenizer report are present and null, with a `draft_note` saying why (a draft proposes
+token ids the teacher must share), so report consumers see the same schema.
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ DEFINITIONS = {
     "aligned_share": "share of a model's counted tokens that are 1:1 spans (where agreement and KL are measured)",
     "teacher_bits_per_byte": "the teacher's bits per byte on exactly the bytes this model's counted tokens cover; "
     "the bits_per_byte retention is teacher_bits_per_byte / bits_per_byte",
+}
+# Assisted generation proposes the draft's token ids to the teacher: it needs one vocabulary.
+_NO_DRAFT = {
+    "draft_acceptance_rate": None,
+    "speculative_decode_speedup": None,
+    "draft_note": "not measured: the model and the teacher have different tokenizers (a draft proposes token ids "
+    "of the teacher's vocabulary)",
 }
 _KL = Objective("forward_kl")
 _CHUNK_ROWS = 512
@@ -302,6 +312,7 @@ def evaluate_across_tokenizers(
         )
         result = {**model_sums.means(False), **_cost(model, spec, len(tokenizer), speed_settings, log)}
         result["teacher_bits_per_byte"] = beside.means(True)["bits_per_byte"]
+        result.update(_NO_DRAFT)  # the one-tokenizer report's draft keys, so consumers see one schema
         results[spec.name] = result
         retention[spec.name] = {
             **retention_of(result, teacher_result),

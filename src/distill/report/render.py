@@ -27,9 +27,11 @@ QUALITY_COLUMNS = [
     ("cross_entropy", "CE (nats/token)"),
     ("perplexity", "perplexity"),
     ("bits_per_byte", "bits/byte"),
+    ("teacher_bits_per_byte", "teacher bits/byte, same bytes"),  # across tokenizers (distill.report.cross)
     ("top1_accuracy", "top-1 acc."),
     ("agreement", "agreement"),
     ("kl_to_teacher", "KL(teacher‖model)"),
+    ("aligned_share", "1:1 share"),  # across tokenizers: where agreement and KL are measured
     ("exact_match", "exact match"),
 ]
 COST_COLUMNS = [
@@ -85,7 +87,7 @@ def _number(key: str, value) -> str:
         return f"{int(value):,}"
     if key.endswith("tokens_per_s") or key.endswith("tokens_per_s_batch"):
         return f"{value:,.1f}"
-    if key in ("top1_accuracy", "agreement", "exact_match"):
+    if key in ("top1_accuracy", "agreement", "exact_match", "aligned_share"):
         return f"{value:.2%}"
     return f"{value:.4g}"
 

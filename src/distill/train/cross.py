@@ -4,7 +4,8 @@ The student's examples stay as they are; for every micro-batch `distill.data.ali
 teacher's token ids of the same text and the anchors (student and teacher positions that follow the same text), on
 on-policy steps too (the student's samples are re-tokenized for the teacher the same way). The teacher runs on its
 own ids here, without gradients, and only its rows at the anchors reach the loss
-(`distill.losses.cross_tokenizer`, inside `StudentLoss`).
+(`distill.losses.cross_tokenizer`, inside `StudentLoss`). From a teacher.cache built across tokenizers
+(`distill.cache.cross`) the anchors pick the stored top-k rows instead.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ def check_recipe(recipe: Recipe) -> None:
         return
     key = f"recipe key objective.cross_tokenizer: {recipe.objective.cross_tokenizer}"
     t = recipe.teacher
-    if t.cache is not None or t.endpoint is not None:
+    if t.endpoint is not None:
         raise DistillError(
-            f"{key} runs the teacher on its own tokenization of each text; teacher.cache and teacher.endpoint "
-            "are not supported with it yet (give teacher.path alone)"
+            f"{key} runs the teacher on its own tokenization of each text; teacher.endpoint is not supported with "
+            "it yet (give teacher.path, or a teacher.cache built with this recipe)"
         )
-    if t.path is None:
-        raise DistillError(f"{key} needs teacher.path (the teacher model and its tokenizer)")
+    if t.path is None and t.cache is None:
+        raise DistillError(f"{key} needs teacher.path (the teacher model and its tokenizer) or teacher.cache")
     if recipe.data.packing:
         raise DistillError(f"{key} aligns one document at a time; set data.packing=false")
     if recipe.objective.hidden.weight > 0:
@@ -45,21 +46,28 @@ def check_recipe(recipe: Recipe) -> None:
 
 def open_cross_tokenizer(recipe: Recipe, models: Models, train_examples, log) -> TokenizerPair | None:
     """The student/teacher tokenizer pair of a cross-tokenizer run (None when objective.cross_tokenizer is off)."""
-    mode = recipe.objective.cross_tokenizer
-    if mode == "off" or models.teacher is None:
+    mode, t = recipe.objective.cross_tokenizer, recipe.teacher
+    if mode == "off" or (models.teacher is None and t.cache is None):
         return None
     if is_base_view(models.teacher):
         raise DistillError(
             f"recipe key objective.cross_tokenizer: {mode}: the teacher is the student's own base, with the same "
             "tokenizer; set objective.cross_tokenizer=off"
         )
-    t = recipe.teacher
-    teacher_tokenizer = load_tokenizer(t.path, "teacher", t.trust_remote_code, t.revision)
-    if embedding_rows(models.teacher) < len(teacher_tokenizer):
-        raise DistillError(
-            f"teacher has {embedding_rows(models.teacher)} output rows but its tokenizer has {len(teacher_tokenizer)}"
-        )
-    pair = TokenizerPair(models.tokenizer, teacher_tokenizer, max_context(models.teacher.config))
+    if models.teacher is None:  # from a cache (distill.cache.cross): its tokenizer, from teacher.path or the cache
+        from distill.cache.cross import cached_teacher_tokenizer
+
+        folder, limit = cached_teacher_tokenizer(t.cache)
+        teacher_tokenizer = load_tokenizer(t.path or folder, "teacher", t.trust_remote_code, t.revision)
+    else:
+        teacher_tokenizer = load_tokenizer(t.path, "teacher", t.trust_remote_code, t.revision)
+        limit = max_context(models.teacher.config)
+        if embedding_rows(models.teacher) < len(teacher_tokenizer):
+            raise DistillError(
+                f"teacher has {embedding_rows(models.teacher)} output rows but its tokenizer has "
+                f"{len(teacher_tokenizer)}"
+            )
+    pair = TokenizerPair(models.tokenizer, teacher_tokenizer, limit)
     stats = pair.stats(train_examples[:SAMPLE_EXAMPLES])
     shared = pair.vocabulary_map[2]
     log(
@@ -74,6 +82,15 @@ def open_cross_tokenizer(recipe: Recipe, models: Models, train_examples, log) ->
             "character offsets and no span counts as 1:1 (aligned = uld)"
         )
     return pair
+
+
+def open_cross_cache_signal(recipe: Recipe, pair: TokenizerPair | None, train_examples):
+    """The cross-tokenizer cache at teacher.cache, checked against this pair and data (None without one)."""
+    if pair is None or recipe.teacher.cache is None:
+        return None
+    from distill.cache.cross import open_cross_cache
+
+    return open_cross_cache(recipe, pair, train_examples)
 
 
 def cross_objective(pair: TokenizerPair | None, mode: str, device: torch.device) -> CrossObjective | None:

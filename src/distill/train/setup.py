@@ -35,7 +35,7 @@ from distill.models import (
 )
 from distill.train.checkpoint import RunState, list_checkpoints, load_checkpoint, set_rng_state
 from distill.train.cross import check_recipe as check_cross_recipe
-from distill.train.cross import cross_objective, open_cross_tokenizer
+from distill.train.cross import cross_objective, open_cross_cache_signal, open_cross_tokenizer
 from distill.train.lora import BaseView, add_adapter, is_base_view, shares_teacher
 from distill.train.parallel import load_full_state_dicts, pick_strategy, shard_student, shard_teacher
 from distill.train.step import StudentLoss, hidden_layer_pairs
@@ -105,6 +105,7 @@ def set_up(recipe: Recipe, accelerator, out: Path, checkpoint: Path | None, log)
     else:
         teacher_signal = open_teacher_signal(recipe, models, train_examples, log)
     cross = open_cross_tokenizer(recipe, models, train_examples, log)  # None unless objective.cross_tokenizer
+    teacher_signal = open_cross_cache_signal(recipe, cross, train_examples) or teacher_signal  # from a cache
     if recipe.objective.fused:
         probe = train_examples[0].input_ids[:16]
         check_fused_heads(models, probe, cross.align(probe).teacher_ids[:16] if cross is not None else None)
@@ -362,7 +363,7 @@ def open_teacher_signal(recipe: Recipe, models: Models, train_examples, log=prin
         from distill.train.served import ServedSignal
 
         return ServedSignal(recipe, models.tokenizer, train_examples, models.vocab_size, log)
-    if recipe.teacher.cache is None:
+    if recipe.teacher.cache is None or recipe.objective.cross_tokenizer != "off":  # across: opened with the pair
         return None
     from distill.cache.reader import open_cache_for_training
 

@@ -224,7 +224,12 @@ def step_loss(
     pairs = getattr(getattr(loss_module, "module", loss_module), "hidden_pairs", ())  # DDP keeps it in .module
     states = {"output_hidden_states": True} if pairs else {}
     signal = {}
-    if o.kd_weight > 0 and "teacher_input_ids" in batch and models.teacher is not None:
+    if o.kd_weight > 0 and "cached_ids" in batch:  # across tokenizers from a cache: its rows at the anchors
+        from distill.losses.cross_tokenizer import TopKCrossTargets
+
+        rows = (batch[f"cached_{name}"] for name in ("ids", "log_probs", "log_rest", "log_rest_half"))
+        signal["cross"] = TopKCrossTargets(batch["anchor_student"], batch["anchor_exact"], *rows)
+    elif o.kd_weight > 0 and "teacher_input_ids" in batch and models.teacher is not None:
         from distill.train.cross import teacher_targets
 
         # Across tokenizers: the teacher reads its own tokenization of the text (`distill.train.cross`).
@@ -276,6 +281,8 @@ def step_batches(run, recipe: Recipe, step: int, on_policy, accelerator) -> tupl
             b["teacher_index"] = run.teacher_signal.teacher_index(micro_examples[j])
         if getattr(run, "cross", None) is not None:  # the teacher's ids of the same texts and the anchors
             b.update(run.cross.batch(micro_examples[j], b["input_ids"].shape[1]))
+            if hasattr(run.teacher_signal, "anchor_rows"):  # from a cache: its rows there, the teacher ids checked
+                b.update(run.teacher_signal.anchor_rows(mine[j * micro : (j + 1) * micro], b))
     global_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     if run.world > 1:
         global_tokens = int(accelerator.reduce(torch.tensor(global_tokens, device=accelerator.device), "sum"))
