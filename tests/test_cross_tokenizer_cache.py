@@ -254,3 +254,38 @@ def test_what_a_cross_tokenizer_cache_cannot_store_is_refused(tmp_path, pair_dir
     err = capsys.readouterr().err.strip()
     assert f"recipe key {key}" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "cache").exists()
+
+
+def test_one_cache_serves_another_student_tokenizer_of_the_same_text(tmp_path, pair_dirs):
+    """The cache holds the teacher's view of the text: a student with another vocabulary (untruncated rows) finds
+    its anchors' rows there, and they are the teacher's own rows at those positions."""
+    from distill.cache.cross import CrossCacheReader, open_cross_cache
+    from distill.config import recipe_from_dict
+    from distill.data import collate, load_data, pad_id_of
+    from distill.data.alignment import TokenizerPair
+    from distill.models import load_tokenizer
+
+    teacher_dir, _, _ = pair_dirs
+    content = cross_recipe(tmp_path, pair_dirs)
+    content["cache"].update(precision="float32", pack_ids=False)
+    assert main(["cache", str(write_recipe(tmp_path / "r.yaml", content)), "--quiet"]) == 0
+    other = byte_level_tokenizer(vocab_size=420)  # another student vocabulary, the same text
+    other.save_pretrained(tmp_path / "other-student")
+    content["student"]["tokenizer"] = str(tmp_path / "other-student")
+    content["teacher"]["cache"] = str(tmp_path / "cache")
+    recipe = recipe_from_dict(content)
+    s_tok, t_tok = load_tokenizer(str(tmp_path / "other-student"), "student"), load_tokenizer(str(teacher_dir), "t")
+    examples = load_data(recipe, s_tok, lambda _: None)[0]
+    pair = TokenizerPair(s_tok, t_tok)
+    reader = open_cross_cache(recipe, pair, examples)  # every one of the first 64 examples checked
+    assert isinstance(reader, CrossCacheReader)
+    indices = list(range(len(examples)))
+    batch = collate(examples, pad_id_of(s_tok))
+    batch.update(pair.batch(examples, batch["input_ids"].shape[1]))
+    rows = reader.anchor_rows(indices, batch)
+    assert rows["cached_ids"].shape == (len(batch["anchor_student"]), 4)
+    # The cache's rows at the first example's anchors are those the cache stored for its teacher positions.
+    shard, first_row, _ = reader._locate(0)
+    first = batch["anchor_teacher"] < batch["teacher_input_ids"].shape[1] - 1  # row 0 of the (B, T_t-1) grid
+    expected = reader._shard(shard)["ids"][first_row + batch["anchor_teacher"][first].numpy()]
+    assert torch.equal(rows["cached_ids"][first], torch.from_numpy(expected.astype("int64")))
