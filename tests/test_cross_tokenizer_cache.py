@@ -117,6 +117,7 @@ def test_distill_cache_then_train_across_tokenizers(tmp_path, pair_dirs, mode, f
     assert manifest["cross_tokenizer"]["teacher_tokens"] > 0 and manifest["data"]["loss_tokens"] > 0
     assert len(manifest["shards"]) > 1  # shards end at example boundaries; the reader finds rows across them
     assert main(["cache", str(recipe), "--quiet"]) == 0  # complete: left as it is
+    assert main(["cache", "verify", str(tmp_path / "cache")]) == 0  # every shard's sha256 as recorded
     content["teacher"] = {"cache": str(tmp_path / "cache")}  # no teacher model: its tokenizer from the cache
     trained = write_recipe(tmp_path / "t.yaml", content)
     assert main(["train", str(trained), "--quiet"]) == 0
