@@ -267,7 +267,7 @@ def test_training_from_cache_fused_and_plain_agree_and_match_online(tmp_path, te
     build_cache(recipe_from_dict(content), **QUIET)
     weights = {}
     for name, teacher, fused in (
-        ("online", {"path": str(teacher_dir)}, False),
+        ("online", {"path": str(teacher_dir), "dtype": "float32"}, False),
         ("plain", {"cache": str(tmp_path / "cache")}, False),
         ("fused", {"cache": str(tmp_path / "cache"), "path": str(teacher_dir)}, True),
     ):

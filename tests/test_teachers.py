@@ -52,7 +52,9 @@ def recipe_dict(teacher_dir, second_teacher, student_dir, files, out, **sections
     }
     content = helpers.recipe_dict(teacher_dir, student_dir, files[0], out, defaults, deep=True, **sections)
     del content["teacher"]
-    content["teachers"] = {"a": {"path": str(teacher_dir)}, "b": {"path": str(second_teacher)}}
+    # float32 teachers, as in helpers.recipe_dict: these tests compare runs to float32 precision
+    fp32 = {"dtype": "float32"}
+    content["teachers"] = {"a": {"path": str(teacher_dir), **fp32}, "b": {"path": str(second_teacher), **fp32}}
     return content
 
 
