@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="distill the shipped teacher into a student and a hard-label baseline (offline, ~3 min)"
     )
-    demo.add_argument("--steps", type=int, help="training steps of the student and of the baseline (default 80)")
+    demo.add_argument("--steps", type=int, help="training steps of the student and of the baseline (default 160)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
 
     train = commands.add_parser("train", help="train a student as the recipe says")
