@@ -351,3 +351,29 @@ def test_fsdp_on_one_process_needs_a_launcher():
 
     assert pick_strategy("fsdp", 1) == "single"
     assert pick_strategy("auto", 2) == "ddp" and pick_strategy("fsdp", 2) == "fsdp"
+
+
+# ---------------------------------------------------------------- the fused loss's chunk budget
+
+
+def test_fused_chunk_budget_reaches_the_loss_and_leaves_the_update_unchanged(
+    tmp_path, teacher_dir, student_dir, train_file, monkeypatch
+):
+    """objective.fused_chunk_mib reaches the fused loss as its memory budget, and the run is the same run (that
+    other chunkings give the same sums is tests/test_fused.py's)."""
+    import distill.losses.fused as fused_module
+
+    budgets, real = [], fused_module.fused_loss_sums
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs.get("memory_budget_bytes"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "fused_loss_sums", spy)
+    losses = {}
+    for mib in (256, 1):
+        out = tmp_path / f"mib{mib}"
+        _train(_recipe(teacher_dir, student_dir, train_file, out, objective={"fused_chunk_mib": mib}))
+        losses[mib] = _losses(out)
+    assert set(budgets) == {256 * 2**20, 2**20}
+    assert losses[1] == pytest.approx(losses[256], rel=1e-5)

@@ -218,6 +218,9 @@ class ObjectiveConfig(Section):
     ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label cross-entropy term.")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term; 0 = train on hard labels only.")
     fused: bool = Field(True, description="Memory-lean chunked loss that never builds the full logits.")
+    fused_chunk_mib: int = Field(
+        256, ge=1, description="Logits the fused loss forms at a time, MiB; more = fewer, larger (faster) chunks."
+    )
     on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="Student-generated data (GKD).")
     hidden: HiddenConfig = Field(default_factory=HiddenConfig, description="Hidden-state distillation (weight 0: off).")
     cross_tokenizer: Literal["off", "uld", "aligned"] = Field(

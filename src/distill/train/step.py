@@ -57,6 +57,7 @@ class StudentLoss(nn.Module):
         self.student = student
         self.objective = Objective.from_config(objective)
         self.fused = objective.fused
+        self.chunk_budget = objective.fused_chunk_mib * 2**20  # bytes of logits per fused chunk
         self.vocab_size = vocab_size
         self.teacher_head = teacher_head  # an OutputHead (plain object, not registered: the teacher is not trained)
         self.cross = cross  # a CrossObjective across tokenizers (distill.losses.cross_tokenizer), or None
@@ -115,6 +116,7 @@ class StudentLoss(nn.Module):
             sparse=sparse,
             vocab_size=self.vocab_size,
             normalizer=normalizer,
+            memory_budget_bytes=self.chunk_budget,
         )
 
     def _plain(self, logits, labels, normalizer, teacher_logits, sparse):
@@ -153,7 +155,13 @@ class StudentLoss(nn.Module):
             # No teacher given: the fused pass is the hard-label term (its kd sum is 0). Kept in the graph even at
             # ce_weight 0, so that a micro-batch without anchors still gives every parameter a (zero) gradient (DDP).
             ce_loss, _, ce_sum = fused_loss_sums(
-                hidden, head, labels, objective=o, vocab_size=self.vocab_size, normalizer=normalizer
+                hidden,
+                head,
+                labels,
+                objective=o,
+                vocab_size=self.vocab_size,
+                normalizer=normalizer,
+                memory_budget_bytes=self.chunk_budget,
             )
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets.student_index)  # (N, H)
             kd_sum = cross_tokenizer_sum(rows, targets, o, c.mode, vocab_sizes, c.buckets, head, self.teacher_head)
