@@ -131,6 +131,7 @@ def build_pair(folder: Path, pair: str, log) -> tuple[Path, Path]:
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
+        unk_token="<pad>",  # named, or a Qwen2 folder loads with Qwen2Tokenizer's own <|endoftext|> added: V + 1
     )
     config = AutoConfig.for_model(**spec, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
