@@ -75,9 +75,9 @@ def cpu_has_native_bf16() -> bool:
 
 def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     """The teacher's dtype: 'auto' is bfloat16 on a GPU that supports it and on a CPU with native bf16 — the
-    teacher only runs forward without gradients, where bf16 is 3-4x faster on such CPUs
-    (benchmarks/peer_trl.py) and its distributions stay within the tolerance tests/test_teacher_dtype.py states —
-    and float32 elsewhere."""
+    teacher only runs forward without gradients, where bf16 is 2.7-4.7x faster on such CPUs (benchmarks/gpu_check.py
+    --parts cpu) and its distributions stay within the tolerance tests/test_teacher_dtype.py states — and float32
+    elsewhere."""
     if name == "auto" and device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return resolve_dtype(name, device)
