@@ -60,21 +60,24 @@ def test_gradient_checkpointing_gives_the_same_update(
 ):
     """The same SGD update with and without recomputed activations (float32; tolerance 1e-6 absolute, 1e-5
     relative: a recompute performs the same operations, only the order of accumulation may differ), and the
-    checkpoint function really runs once per student layer and micro-batch, through the fused loss's backbone call."""
+    checkpoint function really runs once per student layer and micro-batch, through the fused loss's backbone call.
+    `selective` (products kept, elementwise ops recomputed) replays the same ops on the same inputs: bitwise equal."""
     import transformers.modeling_utils as modeling_utils
+
+    from distill.train.recompute import keep_products_only
 
     monkeypatch.setattr("distill.train.setup.torch.optim.AdamW", _sgd)
     calls = []
     real_checkpoint = modeling_utils.checkpoint
 
     def counting_checkpoint(*args, **kwargs):
-        calls.append(kwargs.get("use_reentrant"))
+        calls.append((kwargs.get("use_reentrant"), kwargs.get("context_fn")))
         return real_checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
     start = load_file(str(student_dir / "model.safetensors"))
     updates = {}
-    for checkpointing in (False, True):
+    for checkpointing in (False, True, "selective"):
         out = tmp_path / f"run-{checkpointing}"
         content = _recipe(
             teacher_dir,
@@ -86,11 +89,53 @@ def test_gradient_checkpointing_gives_the_same_update(
         )
         _train(content)
         updates[checkpointing] = _update(out, start)
-    assert calls and set(calls) == {False}  # non-reentrant, and only in the run that asked for it
-    assert len(calls) == 2  # the tiny student's two layers, one micro-batch
+    # non-reentrant, only in the runs that asked for it: the tiny student's two layers, one micro-batch each
+    assert calls == [(False, None)] * 2 + [(False, keep_products_only)] * 2
     for name, plain in updates[False].items():
         assert plain.abs().max() > 0, name
         torch.testing.assert_close(updates[True][name], plain, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(updates["selective"][name], plain), name
+
+
+def test_selective_checkpointing_keeps_products_and_gives_bitwise_gradients():
+    """On a padded Llama batch of 4 x 64 tokens, selective checkpointing gives bitwise the gradients of no
+    checkpointing; matrix products and attention are kept, elementwise ops recomputed. What it saves in memory
+    is measured by benchmarks/train_step_memory.py --compare checkpointing (README)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.train.recompute import _policy
+    from distill.train.setup import enable_gradient_checkpointing
+
+    aten = torch.ops.aten
+    assert _policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert _policy(None, aten._scaled_dot_product_flash_attention_for_cpu.default) == CheckpointPolicy.MUST_SAVE
+    assert _policy(None, aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2:, 40:] = 0  # padding: the masked attention path, as in training
+
+    def gradients(selective: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).train()
+        if selective:
+            enable_gradient_checkpointing(model, selective=True)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (hidden.float() ** 2).sum().backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    plain, selective = gradients(False), gradients(True)
+    assert len(selective) == len(plain) > 0
+    assert all(torch.equal(a, b) for a, b in zip(selective, plain, strict=True))
 
 
 def _free_port() -> int:

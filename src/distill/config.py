@@ -293,8 +293,8 @@ class TrainingConfig(Section):
     def _report_to_list(cls, value: Any) -> Any:
         return _comma_list(value)
 
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute the student's activations in backward (less memory, about 1/3 more compute)."
+    gradient_checkpointing: bool | Literal["selective"] = Field(
+        False, description="Recompute student activations in backward: true = all; selective = elementwise ops only."
     )
     compile: bool = Field(False, description="torch.compile the student's and teacher's decoder layers.")
 

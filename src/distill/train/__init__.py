@@ -13,5 +13,6 @@ onpolicy.py    GKD: the student's own completions replace a share of the steps' 
 served.py      a teacher at teacher.endpoint: each micro-batch's sparse targets from its server, asked a step ahead
 teachers.py    several teachers (recipe key teachers): each row's targets from its own teacher, per-teacher report
 lora.py        LoRA students (extra [peft]): the adapter, the student's own base as teacher, merged + adapter saves
+recompute.py   training.gradient_checkpointing: selective: keep products, recompute the elementwise ops
 trackers.py    training.report_to: TensorBoard / W&B / MLflow / Trackio fed the metrics.jsonl events (resumable)
 """

@@ -406,7 +406,7 @@ def apply_model_settings(recipe: Recipe, models: Models, log) -> None:
     """training.gradient_checkpointing on the student, training.compile on both models' decoder layers."""
     t = recipe.training
     if t.gradient_checkpointing:
-        enable_gradient_checkpointing(models.student)
+        enable_gradient_checkpointing(models.student, selective=t.gradient_checkpointing == "selective")
     if t.compile:
         compiled = compile_layers(models.student)
         # The student's own base as the teacher (LoRA self-distillation) shares the layers just compiled.
@@ -415,8 +415,13 @@ def apply_model_settings(recipe: Recipe, models: Models, log) -> None:
         log(f"torch.compile: {compiled} decoder layers (compiled at their first step)")
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, selective: bool = False) -> None:
     """Recompute each decoder layer's activations during backward instead of keeping them.
+
+    `selective` (training.gradient_checkpointing: selective) keeps what matrix products and attention return and
+    recomputes only the elementwise work between them (norms, rotary, activations, GQA's repeated keys): on the
+    SmolLM2-135M-shaped student over 8 x 256 tokens the forward keeps 754 instead of 1436 MiB for about 4% more
+    backward time, with bitwise the same gradients (`distill.train.recompute`).
 
     Non-reentrant checkpointing (torch.utils.checkpoint, use_reentrant=False): it needs no input that requires
     grad (a frozen embedding or a LoRA base works), works under DDP and FSDP2, and restores the RNG state, so
@@ -428,6 +433,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             f"recipe key training.gradient_checkpointing: {type(model).__name__} does not support it; set it to false"
         )
     kwargs = {"use_reentrant": False}
+    if selective:
+        from distill.train.recompute import keep_products_only
+
+        kwargs["context_fn"] = keep_products_only
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
