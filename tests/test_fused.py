@@ -118,11 +118,13 @@ def test_every_objective_matches_dense(divergence, beta, skew):
 
 
 @pytest.mark.parametrize(("divergence", "beta", "skew"), [("forward_kl", 0.5, 0.1), ("reverse_kl", 0.5, 0.1)])
-@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
-def test_plain_head_temperature_one(divergence, beta, skew, ce_weight):
-    # τ = 1 and no scale/softcap/bias: the closed-form path reuses the student's log-probs for the cross-entropy.
+@pytest.mark.parametrize(("kd_weight", "ce_weight"), [(0.8, 0.0), (0.8, 0.5), (0.0, 1.0)])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_plain_head_closed_form(divergence, beta, skew, kd_weight, ce_weight, temperature):
+    # No scale/softcap/bias: the closed-form path works in place on its (n, V) buffers; at τ = 1 the student's
+    # log-probs serve the cross-entropy too and the hard-label gradient is folded into the divergence's pass.
     hidden, student, labels, t_hidden, teacher = _problem(bias=False, s_post=(1.0, None), t_post=(1.0, None))
-    objective = Objective(divergence, beta, skew, temperature=1.0, ce_weight=ce_weight, kd_weight=0.8)
+    objective = Objective(divergence, beta, skew, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
     fused = _fused(hidden, student, labels, objective, t_hidden, teacher, chunk_rows=5)
     dense = _dense(hidden, student, labels, 50, t_hidden, teacher, objective=objective)
     _check(fused, dense, _params(hidden, student))

@@ -39,10 +39,14 @@ IGNORE_INDEX = -100
 LOG_PROB_FLOOR = -1.0e6
 
 
-def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Floored float32 log-softmax of `logits / temperature` over the last dimension. (..., V) -> (..., V)."""
+def log_probs(logits: torch.Tensor, temperature: float = 1.0, *, in_place_floor: bool = False) -> torch.Tensor:
+    """Floored float32 log-softmax of `logits / temperature` over the last dimension. (..., V) -> (..., V).
+
+    `in_place_floor` applies the floor to the log-softmax's own buffer instead of a copy: one (..., V) buffer
+    fewer, for callers outside autograd only (the log-softmax's backward needs its unfloored output)."""
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # no (N, V) copy at τ = 1
-    return F.log_softmax(scaled, dim=-1).clamp_min(LOG_PROB_FLOOR)
+    lp = F.log_softmax(scaled, dim=-1)
+    return lp.clamp_min_(LOG_PROB_FLOOR) if in_place_floor else lp.clamp_min(LOG_PROB_FLOOR)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from distill.losses.dense import (
     IGNORE_INDEX,
-    divergence_from_log_probs,
     log_probs,
     token_cross_entropy,
     token_divergence,
@@ -109,7 +108,9 @@ def _closed_form_chunk(
     """Like `_generic_chunk` for the two plain KLs and cross-entropy, with the gradient w.r.t. the logits written
     out instead of taken by autograd, which roughly halves the elementwise work of a chunk.
 
-    Values still come from `losses`. Gradients (P = softmax at τ, s/t = log P of student/teacher, y = label):
+    The log-probabilities come from `losses.dense.log_probs`; the KL is `dense._kl`'s sum, written out here so the
+    probabilities it exponentiates serve the gradient too.
+    Gradients (P = softmax at τ, s/t = log P of student/teacher, y = label):
     τ²·KL(P_t‖P_s) → τ·(P_s − P_t); τ²·KL(P_s‖P_t) → τ·P_s·(s − t − KL); cross-entropy → softmax − onehot(y).
     They equal autograd through `losses` except where a student log-probability is below the -1e6 floor, which
     no finite training state reaches. Every label in the chunk is counted (uncounted tokens were dropped).
@@ -126,31 +127,38 @@ def _closed_form_chunk(
         grad = s1.exp_().mul_(obj.ce_weight)  # (n, V) zero when the cross-entropy is not part of the loss
         grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((labels.shape[0], 1), -obj.ce_weight))
         return kd, ce, grad
-    s = log_probs(logits, tau)  # (n, V)
+    # Every (n, V) buffer below is reused in place once its last reader is done: a chunk's time is mostly
+    # elementwise passes and first touches of fresh (n, V) allocations, not the matmuls.
+    s = log_probs(logits, tau, in_place_floor=True)  # (n, V)
     # At τ = 1 the student log-probabilities are the cross-entropy's own log-softmax; reuse them.
-    s1 = s if tau == 1.0 else log_probs(logits, 1.0)  # (n, V)
+    s1 = s if tau == 1.0 else log_probs(logits, 1.0, in_place_floor=True)  # (n, V)
     ce = -s1.gather(1, labels.unsqueeze(1)).sum()
-    kd = logits.new_zeros(())
-    if teacher_logits is not None:
-        t = log_probs(teacher_logits, tau)  # (n, V)
-        per_token = divergence_from_log_probs(s, t, obj)  # (n,)
-        kd = per_token.sum() * (tau * tau)
+    t = log_probs(teacher_logits, tau, in_place_floor=True)  # (n, V)
+    # The divergence is `dense._kl` (Σ P·(log P − log Q), forward: P = teacher, reverse: P = student) written
+    # with the probabilities it exponentiates kept, because the gradient needs them again.
+    p_kl = t.exp() if direction == "forward_kl" else s.exp()  # (n, V)
+    diff = t.sub_(s) if direction == "forward_kl" else t.neg_().add_(s)  # (n, V) log P − log Q, in t's buffer
+    per_token = (p_kl * diff).sum(-1)  # (n,)
+    kd = per_token.sum() * (tau * tau)
     if not need_grad:
         return kd, ce, None
-    grad = torch.zeros_like(logits)  # (n, V)
-    p_s = None
-    if teacher_logits is not None and obj.kd_weight:
-        scale = obj.kd_weight * tau
-        p_s = s.exp()  # (n, V)
-        if direction == "forward_kl":
-            grad.add_(p_s, alpha=scale).sub_(t.exp_(), alpha=scale)
-        else:
-            grad.addcmul_(p_s, (s - t).sub_(per_token.unsqueeze(1)), value=scale)
-    if teacher_logits is not None:
-        del t
+    scale = obj.kd_weight * tau
+    if direction == "forward_kl":
+        del diff
+        p_s = s.exp_()  # (n, V) in s's buffer: the log-probabilities are not read again
+        ce_probs = p_s if tau == 1.0 else None
+        # τ·(P_s − P_t), with the hard-label term's P_s folded in when it is the same softmax.
+        grad = p_s.mul_(scale + (obj.ce_weight if ce_probs is not None else 0.0)).sub_(p_kl, alpha=scale)
+    else:
+        # τ·P_s·(s − t − KL) in diff's buffer; P_s (p_kl) stays intact for the hard-label term.
+        grad = diff.sub_(per_token.unsqueeze(1)).mul_(p_kl).mul_(scale)
+        ce_probs = p_kl if tau == 1.0 else None
+        if ce_probs is not None and obj.ce_weight:
+            grad.add_(ce_probs, alpha=obj.ce_weight)
+    del p_kl
     if obj.ce_weight:
-        p1 = p_s if p_s is not None and tau == 1.0 else s1.exp()  # (n, V)
-        grad.add_(p1, alpha=obj.ce_weight)
+        if ce_probs is None:
+            grad.add_(s1.exp_(), alpha=obj.ce_weight)  # softmax at τ = 1, in s1's buffer
         grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((labels.shape[0], 1), -obj.ce_weight))
     return kd, ce, grad
 
