@@ -389,6 +389,30 @@ def test_help_does_not_import_transformers():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_command_skips_the_last_garbage_collection(monkeypatch, tmp_path):
+    """The `distill` command freezes the heap after its work (the interpreter's last collection cost 1.5 s), and
+    still exits with main's code: a user mistake is exit 2 with one line, through the console script's path."""
+    import gc
+
+    import tomllib
+
+    from distill import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 3)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    assert cli.console() == 3 and calls == ["main", "freeze"]
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["distill"] == "distill.cli:console"
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "distill", "train", str(missing)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("distill: error:") and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_fsdp_on_one_process_needs_a_launcher():
     """training.distributed=fsdp under `torchrun --nproc_per_node 1` shards (benchmarks/gpu_check.py runs it on one
     GPU); a plain one-process run stays unwrapped."""

@@ -1,3 +1,3 @@
-from distill.cli import main
+from distill.cli import console
 
-raise SystemExit(main())
+raise SystemExit(console())

@@ -269,6 +269,21 @@ def _return_large_frees_to_the_system() -> None:
         pass  # not glibc (musl, ...): nothing to tune
 
 
+def console() -> int:
+    """The `distill` command (console script and `python -m distill`): `main`, then a quick exit.
+
+    With torch and transformers imported, the interpreter's last garbage collection walks millions of objects
+    that die with the process anyway: 1.5-1.6 s measured here, a tenth of a 50-step tiny job. `gc.freeze()` takes
+    them out of that walk; atexit handlers, buffered output and module teardown still run as before. Not done by
+    `main` itself, which is also called inside other processes (tests, notebooks) that live on after it.
+    """
+    import gc
+
+    code = main()
+    gc.freeze()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     _return_large_frees_to_the_system()
     # Quiet the libraries' own chatter; our messages say what matters.
