@@ -145,12 +145,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [True, "selective"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_gradient_checkpointing_under_two_processes_matches_one_process_without(
-    tmp_path, teacher_dir, student_dir, train_file, strategy
+    tmp_path, teacher_dir, student_dir, train_file, strategy, checkpointing
 ):
-    """2 processes (gloo) with checkpointing on give the 1-process run's losses and weights (tolerances of
-    tests/test_distributed.py: 1e-5 relative on losses, 1e-4 on weights)."""
+    """2 processes (gloo) with checkpointing on, full or selective, give the 1-process run's losses and weights
+    (tolerances of tests/test_distributed.py: 1e-5 relative on losses, 1e-4 on weights)."""
     runs = {}
     for name, processes, extra in (("single", 1, {}), (strategy, 2, {"distributed": strategy})):
         out = tmp_path / name
@@ -159,7 +160,13 @@ def test_gradient_checkpointing_under_two_processes_matches_one_process_without(
             student_dir,
             train_file,
             out,
-            training={"steps": 2, "batch_size": 4, "lr": 1e-2, "gradient_checkpointing": processes == 2, **extra},
+            training={
+                "steps": 2,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "gradient_checkpointing": processes == 2 and checkpointing,
+                **extra,
+            },
         )
         recipe = write_recipe(tmp_path / f"{name}.yaml", content)
         command = [sys.executable, "-m", "distill", "train", str(recipe), "--quiet"]
