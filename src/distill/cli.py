@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input or config (one line on stderr, no traceback);
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import traceback
@@ -277,8 +278,6 @@ def console() -> int:
     them out of that walk; atexit handlers, buffered output and module teardown still run as before. Not done by
     `main` itself, which is also called inside other processes (tests, notebooks) that live on after it.
     """
-    import gc
-
     code = main()
     gc.freeze()
     return code

@@ -145,21 +145,19 @@ def _closed_form_chunk(
     if not need_grad:
         return kd, ce, None
     scale = obj.kd_weight * tau
+    ce_folded = tau == 1.0  # the hard-label term's softmax is then P_s itself
     if direction == "forward_kl":
         del diff
-        p_s = s.exp_()  # (n, V) in s's buffer: the log-probabilities are not read again
-        ce_probs = p_s if tau == 1.0 else None
-        # τ·(P_s − P_t), with the hard-label term's P_s folded in when it is the same softmax.
-        grad = p_s.mul_(scale + (obj.ce_weight if ce_probs is not None else 0.0)).sub_(p_kl, alpha=scale)
+        # τ·(P_s − P_t) in s's buffer (the log-probabilities are not read again), the hard-label term's P_s folded in.
+        grad = s.exp_().mul_(scale + (obj.ce_weight if ce_folded else 0.0)).sub_(p_kl, alpha=scale)
     else:
         # τ·P_s·(s − t − KL) in diff's buffer; P_s (p_kl) stays intact for the hard-label term.
         grad = diff.sub_(per_token.unsqueeze(1)).mul_(p_kl).mul_(scale)
-        ce_probs = p_kl if tau == 1.0 else None
-        if ce_probs is not None and obj.ce_weight:
-            grad.add_(ce_probs, alpha=obj.ce_weight)
+        if ce_folded and obj.ce_weight:
+            grad.add_(p_kl, alpha=obj.ce_weight)
     del p_kl
     if obj.ce_weight:
-        if ce_probs is None:
+        if not ce_folded:
             grad.add_(s1.exp_(), alpha=obj.ce_weight)  # softmax at τ = 1, in s1's buffer
         grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((labels.shape[0], 1), -obj.ce_weight))
     return kd, ce, grad
